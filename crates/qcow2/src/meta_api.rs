@@ -1,0 +1,53 @@
+//! The metadata interface a qcow2 image offers to code that keeps its own structures in
+//! the image (the persistent dirty bitmaps). [`crate::Qcow2Image`] implements it; tests
+//! may implement it in memory.
+//!
+//! Every call takes the image's metadata lock, so it is safe against concurrent guest I/O.
+
+use crate::{HostOffset, Result};
+
+/// Magic of the bitmaps header extension.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Autoclear bit 0: the bitmaps extension is consistent with the data.
+pub const AUTOCLEAR_BITMAPS: u64 = 1;
+
+/// A change to the image header, applied by [`ImageMetadata::update_header`].
+#[derive(Debug, Default, Clone)]
+pub struct HeaderUpdate {
+    /// New autoclear feature bits, when they change.
+    pub autoclear: Option<u64>,
+    /// Header extensions to set (`Some(data)`) or remove (`None`), by magic.
+    pub extensions: Vec<(u32, Option<Vec<u8>>)>,
+}
+
+/// Cluster allocation, metadata I/O and header access for one qcow2 image.
+pub trait ImageMetadata: Send + Sync {
+    /// Cluster size in bytes (a power of two).
+    fn cluster_size(&self) -> u64;
+    /// qcow2 version: 2 or 3.
+    fn version(&self) -> u32;
+    /// Virtual disk size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// Whether the image was opened read-only.
+    fn is_read_only(&self) -> bool;
+    /// The autoclear feature bits as in the header now.
+    fn autoclear_features(&self) -> u64;
+    /// The data of the header extension `magic`, if present.
+    fn header_extension(&self, magic: u32) -> Option<Vec<u8>>;
+    /// Flushes all cached metadata (so every allocation done so far is durable), then
+    /// rewrites the header with `update` applied and syncs the file. Extensions not named
+    /// in `update` are kept byte for byte.
+    fn update_header(&self, update: HeaderUpdate) -> Result<()>;
+    /// Allocates `count` contiguous clusters with refcount 1. Their contents are undefined.
+    fn allocate_clusters(&self, count: u64) -> Result<HostOffset>;
+    /// Drops one reference from each of `count` clusters starting at `offset`. The caller
+    /// must already have removed (durably) every on-disk reference to them.
+    fn free_clusters(&self, offset: HostOffset, count: u64) -> Result<()>;
+    /// Reads metadata bytes at a host offset (bytes past the end read as zeros).
+    fn read_metadata(&self, offset: HostOffset, buf: &mut [u8]) -> Result<()>;
+    /// Writes metadata bytes at a host offset, refusing writes that overlap the header,
+    /// L1/L2 tables, refcount structures, snapshot table or bitmap directory.
+    fn write_metadata(&self, offset: HostOffset, buf: &[u8]) -> Result<()>;
+    /// Writes every cached metadata table and syncs the file.
+    fn flush_metadata(&self) -> Result<()>;
+}

@@ -1,0 +1,182 @@
+//! The byte store under an image: a file by default, anything else (memory, fault
+//! injection) in tests.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Positional byte storage. Implementations must be safe to call from many threads.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocates a range, which then reads as zeros. The default writes zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+    /// The underlying file, when there is one (for locking).
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// A regular file or block device.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Opens `path`; `direct` adds O_DIRECT (callers then must use aligned buffers).
+    pub fn open(path: &Path, writable: bool, direct: bool) -> io::Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(writable);
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        Ok(FileStorage {
+            file: opts.open(path)?,
+        })
+    }
+
+    /// Wraps an open file.
+    pub fn from_file(file: File) -> Self {
+        FileStorage { file }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by self.file.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                // Fall back to writing zeros.
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len() as u64) as usize;
+                    self.write_at(&zeros[..n], offset + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            _ => Err(e),
+        }
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// An in-memory storage, for tests and scratch images.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: std::sync::RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// A copy of the contents.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.read().unwrap().clone()
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.data.read().unwrap();
+        let start = (offset as usize).min(data.len());
+        let end = (offset as usize).saturating_add(buf.len()).min(data.len());
+        let n = end - start;
+        buf[..n].copy_from_slice(&data[start..end]);
+        buf[n..].fill(0);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap();
+        let end = offset as usize + buf.len();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap().len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.data.write().unwrap().resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
