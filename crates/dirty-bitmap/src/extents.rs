@@ -53,7 +53,10 @@ impl Iterator for Extents<'_> {
             Some(d) => d,
             None => bm.get_bit(self.next_bit),
         };
-        let end_bit = words::find_next(&bm.words, self.next_bit, bits, !dirty);
+        // The state of `next_bit` itself is already known (read above, or
+        // observed by the previous search), so the run holds at least that
+        // bit even if it changed since: search from the bit after it.
+        let end_bit = words::find_next(&bm.words, self.next_bit + 1, bits, !dirty);
         let gb = bm.granularity_bits();
         // end_bit <= bit_count <= 2^32 and gb <= 31, so the shifts fit.
         let start = self.next_bit << gb;
