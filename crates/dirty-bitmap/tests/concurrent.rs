@@ -198,3 +198,43 @@ fn readers_see_well_formed_extents_while_marking() {
     let all: Vec<(u64, u64)> = (0..THREADS - 1).flat_map(writes).collect();
     assert_eq!(bits(&bm), model(&all));
 }
+
+/// A small, hot bitmap: the collector sweeps it continuously while markers
+/// set new bits in the same words, many rounds over.
+#[test]
+fn snapshot_and_clear_on_hot_words() {
+    const SMALL: u64 = 64 * 64 * 512; // 64 words at 512 B granularity
+    let bm = DirtyBitmap::new(SMALL, 512).unwrap();
+    for round in 0..300 {
+        let acc = DirtyBitmap::new(SMALL, 512).unwrap();
+        let done = AtomicBool::new(false);
+        let barrier = Barrier::new(3);
+        thread::scope(|s| {
+            let markers: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let (bm, barrier) = (&bm, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        for i in (t..bm.bit_count()).step_by(2) {
+                            bm.mark(i * 512, 1);
+                        }
+                    })
+                })
+                .collect();
+            let collector = s.spawn(|| {
+                barrier.wait();
+                while !done.load(Ordering::Acquire) {
+                    acc.merge_from(&bm.snapshot_and_clear()).unwrap();
+                }
+            });
+            for m in markers {
+                m.join().unwrap();
+            }
+            done.store(true, Ordering::Release);
+            collector.join().unwrap();
+        });
+        acc.merge_from(&bm).unwrap();
+        assert_eq!(acc.count(), acc.bit_count(), "round {round}");
+        bm.clear();
+    }
+}
