@@ -1,1 +1,26 @@
-//! End-to-end test harness.
+//! End-to-end test harness: real clients against a vhost-user-blk server.
+//!
+//! * [`GuestEnv`] / [`Guest`]: boot a small Linux guest (QEMU TCG, Debian kernel, busybox
+//!   initramfs from `resources/build-guest.sh`) whose `/dev/vda` is served by the server
+//!   under test, run a shell script in it and read its exit status.
+//! * [`GuestScript`]: generic block operations plus the host-side model of their effect
+//!   (expected contents and dirty granules), reusable for any server.
+//! * [`Backend`]: a server process (our daemon or `qemu-storage-daemon`).
+//! * [`tools`]: qemu-img / qemu-io / qemu-nbd helpers to inspect images and bitmaps.
+//!
+//! Every wait is bounded and every child process is killed when its guard drops.
+
+pub mod backend;
+pub mod error;
+pub mod guest;
+pub mod process;
+pub mod script;
+pub mod tools;
+
+pub use backend::{qsd_vhost_user_blk, Backend};
+pub use error::{E2eError, Result};
+pub use guest::{Accel, Guest, GuestConfig, GuestEnv, GuestOutcome};
+pub use script::{DiskOp, GuestScript};
+pub use tools::{
+    bitmap_dirty_extents, in_ci, qemu_img_check, qemu_img_info_json, require_tool, require_tools,
+};
