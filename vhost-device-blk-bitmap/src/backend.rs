@@ -1,0 +1,332 @@
+//! The vhost-user transport: a `VhostUserBackend` with one worker thread per virtqueue
+//! and per-queue state, so queues run in parallel with no shared lock on the request path.
+
+use std::fs::File;
+use std::io;
+use std::ops::Deref;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::buffer::AlignedBuf;
+use crate::device::{BlkDevice, CHUNK_SIZE};
+use crate::transport::{process_chain, GuestMem};
+use crate::virtio_blk::{self, ConfigInputs, CONFIG_WCE_OFFSET};
+
+/// Guest memory shared with the vhost-user handler.
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+/// Our vring type.
+pub type BlkVring = VringRwLock<GuestMemAtomic>;
+
+/// Virtio features offered: device features plus the vhost-user transport bits.
+pub fn offered_features(read_only: bool) -> u64 {
+    virtio_blk::device_features(read_only)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
+}
+
+/// Protocol features offered (REPLY_ACK is also added by the vhost crate itself).
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::LOG_SHMFD
+}
+
+/// State owned by one queue's worker thread.
+#[derive(Debug)]
+struct QueueWorker {
+    buf: AlignedBuf,
+}
+
+/// Exit event of one worker thread.
+#[derive(Debug)]
+struct ExitEvent {
+    consumer: EventConsumer,
+    notifier: EventNotifier,
+    /// Consumer clones handed to the vhost-user-backend event loop (it keeps them as raw
+    /// fds and never closes them); closed by [`BlkBackend::close_handed_out_fds`].
+    handed_out: Mutex<Vec<RawFd>>,
+}
+
+/// The vhost-user-blk backend for one frontend connection.
+#[derive(Debug)]
+pub struct BlkBackend {
+    device: Arc<BlkDevice>,
+    num_queues: usize,
+    queue_size: usize,
+    mem: GuestMemAtomic,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    logged_connection: AtomicBool,
+    workers: Vec<Mutex<QueueWorker>>,
+    exit_events: Vec<ExitEvent>,
+}
+
+impl BlkBackend {
+    /// A backend for `device`; `mem` must be the same atomic memory given to the daemon.
+    pub fn new(
+        device: Arc<BlkDevice>,
+        num_queues: usize,
+        queue_size: usize,
+        mem: GuestMemAtomic,
+    ) -> io::Result<Self> {
+        let mut workers = Vec::with_capacity(num_queues);
+        let mut exit_events = Vec::with_capacity(num_queues);
+        for _ in 0..num_queues {
+            workers.push(Mutex::new(QueueWorker {
+                buf: AlignedBuf::new(CHUNK_SIZE),
+            }));
+            let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+            exit_events.push(ExitEvent {
+                consumer,
+                notifier,
+                handed_out: Mutex::new(Vec::new()),
+            });
+        }
+        Ok(BlkBackend {
+            device,
+            num_queues,
+            queue_size,
+            mem,
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            logged_connection: AtomicBool::new(false),
+            workers,
+            exit_events,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<BlkDevice> {
+        &self.device
+    }
+
+    /// Features the frontend acknowledged (0 before SET_FEATURES).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features.load(Ordering::Relaxed)
+    }
+
+    /// Tells every worker thread to exit.
+    pub fn signal_exit(&self) {
+        for e in &self.exit_events {
+            if let Err(err) = e.notifier.notify() {
+                warn!("failed to signal a vring worker to exit: {err}");
+            }
+        }
+    }
+
+    /// Closes the exit-event fds the event loop kept. Call only after the daemon that
+    /// used this backend was dropped (its worker threads joined).
+    pub fn close_handed_out_fds(&self) {
+        for e in &self.exit_events {
+            for fd in e
+                .handed_out
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                // SAFETY: `fd` is a dup we created in `exit_event` and passed to the event
+                // loop, which converted it to a raw fd and never closes it; its epoll and
+                // threads are gone, so nothing else uses or owns this descriptor.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+
+    fn process_queue(&self, queue_index: usize, vring: &BlkVring) -> io::Result<()> {
+        let mut worker = self.workers[queue_index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Holding the vring lock for the whole batch makes GET_VRING_BASE (which takes
+        // it to stop the ring) wait until the requests we started have completed.
+        let mut state = vring.get_mut();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mem = self.mem.memory();
+        loop {
+            if event_idx {
+                state.disable_notification().map_err(io::Error::other)?;
+            }
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.deref()) {
+                let head = chain.head_index();
+                let used = process_chain(&self.device, &mut worker.buf, &mem, chain);
+                if let Err(e) = state.add_used(head, used) {
+                    warn!("queue {queue_index}: add_used failed: {e}");
+                }
+            }
+            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        if state.needs_notification().map_err(io::Error::other)? {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = BlkVring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        offered_features(self.device.image().is_read_only())
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        self.device.set_acked_features(features);
+        if !self.logged_connection.swap(true, Ordering::Relaxed) {
+            info!(
+                "frontend negotiated features {features:#x} (event_idx={}, flush={}, log_all={}), {} queue(s) of up to {} entries",
+                virtio_blk::has_event_idx(features),
+                virtio_blk::has_flush(features),
+                features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0,
+                self.num_queues,
+                self.queue_size
+            );
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        offered_protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = virtio_blk::config_space(&ConfigInputs {
+            size: self.device.image().size(),
+            logical_block_size: self.device.logical_block_size(),
+            num_queues: self.num_queues as u16,
+            wce: self.device.wce(),
+        });
+        let (offset, size) = (offset as usize, size as usize);
+        // Fields past our structure read as zero (the vhost crate bounds size to 4 KiB).
+        let mut out = vec![0u8; size];
+        if offset < cfg.len() {
+            let n = size.min(cfg.len() - offset);
+            out[..n].copy_from_slice(&cfg[offset..offset + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback byte is writable, and only with CONFIG_WCE.
+        if offset as usize != CONFIG_WCE_OFFSET || buf.len() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "only the wce byte (offset {CONFIG_WCE_OFFSET}, 1 byte) is writable, got offset {offset} len {}",
+                    buf.len()
+                ),
+            ));
+        }
+        if !virtio_blk::has_config_wce(self.acked_features()) && self.acked_features() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "CONFIG_WCE was not negotiated",
+            ));
+        }
+        self.device.set_wce(buf[0]);
+        info!(
+            "guest set write cache to {}",
+            if buf[0] != 0 {
+                "writeback"
+            } else {
+                "writethrough"
+            }
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+        // `self.mem` is a clone of the same atomic handle: it already sees the new map.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let e = self.exit_events.get(thread_index)?;
+        let consumer = e.consumer.try_clone().ok()?;
+        let notifier = e.notifier.try_clone().ok()?;
+        e.handed_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[BlkVring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("ignoring unexpected event set {evset:?}");
+            return Ok(());
+        }
+        // One queue per thread: the thread index is the queue index.
+        let Some(vring) = vrings.get(device_event as usize) else {
+            warn!("ignoring event for unknown vring {device_event}");
+            return Ok(());
+        };
+        if thread_id >= self.num_queues {
+            warn!("ignoring event on unknown worker thread {thread_id}");
+            return Ok(());
+        }
+        if let Err(e) = self.process_queue(thread_id, vring) {
+            // Returning an error would end the worker thread for good; log instead.
+            warn!("queue {thread_id}: {e}");
+        }
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _file: File,
+    ) -> io::Result<Option<File>> {
+        // A block device has no state besides the rings: the blob is empty. Dropping the
+        // file closes our end, which the frontend reads as end of stream (SAVE), and a
+        // LOAD of an empty blob needs nothing.
+        log::debug!("device state transfer {direction:?}: empty");
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! vhost-user-blk backend serving qcow2 and raw images, with hooks for QEMU-compatible
+//! persistent dirty bitmaps.
+//!
+//! Layers: [`args`] (command line) → [`config`] (validated settings) → [`disk`] (image
+//! opening with QEMU-compatible [`lock`]s) → [`device`] (virtio-blk emulation) ←
+//! [`transport`] (descriptor chains) ← [`backend`] (vhost-user) ← [`server`] (listen loop,
+//! signals).
+
+pub mod backend;
+pub mod buffer;
+pub mod device;
+pub mod lock;
+pub mod tracker;
+pub mod transport;
+pub mod virtio_blk;
