@@ -8,16 +8,27 @@
 //!   extensions and autoclear bits — all under the same locks as the data path.
 //! * [`create`] makes new images and [`check`] verifies (and repairs leaks in) them.
 
+pub mod check;
+pub mod create;
 pub mod error;
+pub mod header;
 pub mod offsets;
 pub mod storage;
 
+mod cache;
+mod compress;
+mod image;
+mod meta;
 pub mod meta_api;
 mod raw;
 
+pub use check::{check, check_image, CheckReport, Repair};
+pub use create::{create, create_on, CreateOptions};
 pub use error::{Error, Result};
-pub use offsets::{GuestOffset, HostOffset};
+pub use header::CompressionType;
+pub use image::{is_qcow2, OpenOptions, Qcow2Image};
 pub use meta_api::{HeaderUpdate, ImageMetadata, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
+pub use offsets::{GuestOffset, HostOffset};
 pub use raw::RawImage;
 pub use storage::{FileStorage, MemStorage, Storage};
 
@@ -54,8 +65,9 @@ pub trait BlockImage: Send + Sync + std::fmt::Debug {
     }
     /// Makes `[offset, offset+len)` read as zeros; `may_unmap` allows deallocation.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
-    /// Hints that `[offset, offset+len)` is no longer needed (contents become
-    /// unspecified; this engine makes them read as zeros or as the backing file).
+    /// Hints that `[offset, offset+len)` is no longer needed. Contents of the range
+    /// become unspecified: whole clusters read as zeros (or the backing file in v2),
+    /// partial clusters keep their data.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;

@@ -1,0 +1,795 @@
+//! An open qcow2 image: the data path (reads, writes with copy-on-write, write-zeroes,
+//! discard, flush) and the metadata API for the bitmap persistence crate.
+//!
+//! Locking: `meta` (a mutex) guards all metadata. Reads and in-place rewrites of
+//! clusters that are already allocated look the mapping up under `meta` and do their
+//! data I/O after releasing it, holding `gate` in read mode. Every operation that can
+//! make a host cluster free again (discard, write-zeroes, flush applying queued frees)
+//! takes `gate` in write mode first, so no request can still be using a cluster when it
+//! is handed out again. Lock order: `gate`, then `meta`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::cache::TableCache;
+use crate::compress::decompress;
+use crate::error::{Error, IoContext, Result};
+use crate::header::{
+    CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, EXT_BACKING_FORMAT, INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+};
+use crate::meta::{Mapping, Meta, COPIED, REFT_OFFSET_MASK, ZERO};
+use crate::{check_range, BlockImage, FileStorage, HeaderUpdate, HostOffset, ImageMetadata};
+use crate::{RawImage, Storage};
+
+/// Longest backing chain we follow.
+const MAX_BACKING_DEPTH: u32 = 16;
+/// Memory for L2 tables per image.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// Memory for refcount blocks per image.
+const RB_CACHE_BYTES: u64 = 4 << 20;
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Refuse writes and never modify the file.
+    pub read_only: bool,
+    /// Open the file with O_DIRECT.
+    pub direct: bool,
+    /// Autoclear bits the caller maintains; all others are cleared on a read-write open
+    /// (bit 0, bitmaps, is cleared too unless named here: a writer that does not update
+    /// the bitmaps must say so).
+    pub known_autoclear: u64,
+}
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2Image {
+    storage: Arc<dyn Storage>,
+    read_only: bool,
+    size: u64,
+    cluster_bits: u32,
+    version: u32,
+    compression: CompressionType,
+    backing: Option<Arc<dyn BlockImage>>,
+    meta: Mutex<Meta>,
+    gate: RwLock<()>,
+}
+
+/// Where the bytes of one piece of a guest range come from.
+#[derive(Debug)]
+enum Source {
+    Host(u64),
+    Zero,
+    Backing(u64),
+    Compressed { host: u64, clen: u64, skip: usize },
+}
+
+/// Probes whether the storage holds a qcow2 image.
+pub fn is_qcow2(storage: &dyn Storage) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    storage
+        .read_at(&mut magic, 0)
+        .ctx(|| "reading the image magic".into())?;
+    Ok(u32::from_be_bytes(magic) == crate::header::MAGIC)
+}
+
+/// Opens an image file of either format read-only for use as a backing file.
+fn open_backing(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<dyn BlockImage>> {
+    if depth > MAX_BACKING_DEPTH {
+        return Err(Error::InvalidImage(format!(
+            "backing chain longer than {MAX_BACKING_DEPTH} images"
+        )));
+    }
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::open(path, false, false)
+            .ctx(|| format!("Could not open backing file '{}'", path.display()))?,
+    );
+    let qcow2 = match format {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(f) => {
+            return Err(Error::Unsupported(format!(
+                "backing file format '{f}' is not supported"
+            )))
+        }
+        None => is_qcow2(&*storage)?,
+    };
+    if qcow2 {
+        let opts = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        Ok(Arc::new(Qcow2Image::open_with(
+            storage,
+            &opts,
+            Some(path),
+            depth,
+        )?))
+    } else {
+        Ok(Arc::new(RawImage::new(storage, true)?))
+    }
+}
+
+impl Qcow2Image {
+    /// Opens the qcow2 image at `path` (and its backing chain, read-only).
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
+        let storage = FileStorage::open(path, !opts.read_only, opts.direct)
+            .ctx(|| format!("Could not open '{}'", path.display()))?;
+        Self::open_with(Arc::new(storage), opts, Some(path), 0)
+    }
+
+    /// Opens a qcow2 image on any storage. A backing file, if the image names one, is
+    /// resolved relative to `path`'s folder (or the current folder).
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        Self::open_with(storage, opts, None, 0)
+    }
+
+    fn open_with(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        path: Option<&Path>,
+        depth: u32,
+    ) -> Result<Self> {
+        let file_len = storage.len().ctx(|| "reading the image size".into())?;
+        let mut first =
+            vec![0u8; (1usize << crate::header::MAX_CLUSTER_BITS).min(file_len as usize)];
+        storage
+            .read_at(&mut first, 0)
+            .ctx(|| "reading the qcow2 header".into())?;
+        let header = Header::parse(&first, file_len)?;
+        let cs = header.cluster_size();
+        if header.crypt_method != 0 {
+            return Err(Error::Unsupported(
+                "encrypted qcow2 images are not supported".into(),
+            ));
+        }
+        if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(Error::Unsupported(
+                "qcow2 images with an external data file are not supported".into(),
+            ));
+        }
+        if header.incompatible_features & INCOMPAT_EXTL2 != 0 {
+            return Err(Error::Unsupported(
+                "qcow2 images with extended L2 entries (subclusters) are not supported, \
+                 neither read-only nor read-write"
+                    .into(),
+            ));
+        }
+        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !opts.read_only {
+            return Err(Error::InvalidImage(
+                "qcow2: Image is corrupt; cannot be opened read/write".into(),
+            ));
+        }
+        if header.nb_snapshots > 0 && opts.read_only {
+            log::debug!("image has {} internal snapshots", header.nb_snapshots);
+        }
+        let backing = match &header.backing_file {
+            None => None,
+            Some(name) => {
+                let base = path.and_then(Path::parent).unwrap_or(Path::new("."));
+                let p = if Path::new(name).is_absolute() {
+                    PathBuf::from(name)
+                } else {
+                    base.join(name)
+                };
+                let fmt = header
+                    .extension(EXT_BACKING_FORMAT)
+                    .map(|f| String::from_utf8_lossy(f).into_owned());
+                Some(open_backing(&p, fmt.as_deref(), depth + 1)?)
+            }
+        };
+
+        let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
+        storage
+            .read_at(&mut l1_bytes, header.l1_table_offset)
+            .ctx(|| "reading the L1 table".into())?;
+        let l1: Vec<u64> = l1_bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut rt_bytes = vec![0u8; header.refcount_table_clusters as usize * cs as usize];
+        storage
+            .read_at(&mut rt_bytes, header.refcount_table_offset)
+            .ctx(|| "reading the refcount table".into())?;
+        let reftable: Vec<u64> = rt_bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        for (i, e) in reftable.iter().enumerate() {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 && (off & (cs - 1) != 0 || off + cs > file_len) {
+                return Err(Error::InvalidImage(format!(
+                    "Refcount block {i} at {off:#x} is invalid or past the end of the file"
+                )));
+            }
+            if off != 0 && off < cs {
+                return Err(Error::InvalidImage(format!(
+                    "Refcount block {i} overlaps the image header"
+                )));
+            }
+        }
+        let l2_tables = header.size.div_ceil(cs * (cs / 8)).max(1);
+        let l2_cap = (L2_CACHE_BYTES / cs).min(l2_tables) as usize;
+        let rb_cap = (RB_CACHE_BYTES / cs).max(4) as usize;
+        let cluster_bits = header.cluster_bits;
+        let meta = Meta {
+            storage: storage.clone(),
+            cluster_bits,
+            l1,
+            l1_dirty: Default::default(),
+            l2_cache: TableCache::new(l2_cap),
+            reftable,
+            rb_cache: TableCache::new(rb_cap),
+            free_hint: 1,
+            alloc_end: file_len.div_ceil(cs),
+            pending_frees: Vec::new(),
+            refcounts_unsynced: false,
+            corrupt: None,
+            header,
+        };
+        let img = Qcow2Image {
+            storage,
+            read_only: opts.read_only,
+            size: meta.header.size,
+            cluster_bits,
+            version: meta.header.version,
+            compression: meta.header.compression_type,
+            backing,
+            meta: Mutex::new(meta),
+            gate: RwLock::new(()),
+        };
+        if !opts.read_only {
+            img.prepare_read_write(opts)?;
+        }
+        Ok(img)
+    }
+
+    /// Read-write open: rebuild refcounts of a dirty image, drop autoclear bits the
+    /// caller does not maintain.
+    fn prepare_read_write(&self, opts: &OpenOptions) -> Result<()> {
+        let dirty = self.lock().header.incompatible_features & INCOMPAT_DIRTY != 0;
+        if dirty {
+            log::info!("qcow2 image was not closed cleanly: rebuilding refcounts");
+            let report = crate::check::check_image(self, crate::check::Repair::All)?;
+            if report.corruptions > report.corruptions_fixed {
+                return Err(Error::InvalidImage(format!(
+                    "could not repair the refcounts of an image left dirty: {report}"
+                )));
+            }
+            let mut m = self.lock();
+            m.header.incompatible_features &= !INCOMPAT_DIRTY;
+            m.write_header()?;
+            m.sync()?;
+        }
+        let mut m = self.lock();
+        let keep = opts.known_autoclear & !AUTOCLEAR_DATA_FILE_RAW;
+        if m.header.version >= 3 && m.header.autoclear_features & !keep != 0 {
+            m.header.autoclear_features &= keep;
+            m.write_header()?;
+            m.sync()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock cannot leave the metadata half-updated in a way
+        // the on-disk order does not tolerate, so a poisoned lock is still usable.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// log2 of the cluster size.
+    pub fn cluster_bits(&self) -> u32 {
+        self.cluster_bits
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.lock().header.clone()
+    }
+
+    /// The storage under the image.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// The backing image, if any.
+    pub fn backing(&self) -> Option<&Arc<dyn BlockImage>> {
+        self.backing.as_ref()
+    }
+
+    fn writable(&self, m: &Meta) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if let Some(why) = &m.corrupt {
+            return Err(Error::Corrupt(why.clone()));
+        }
+        Ok(())
+    }
+
+    // ---- reads -------------------------------------------------------------------
+
+    /// Splits a guest range into sources, cluster by cluster, merging contiguous host
+    /// pieces.
+    fn plan_read(&self, offset: u64, len: u64) -> Result<Vec<(Source, usize)>> {
+        let cs = self.cluster_size();
+        let mut m = self.lock();
+        let mut plan: Vec<(Source, usize)> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let gc = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let src = match m.mapping(gc)? {
+                Mapping::Normal(h, _) => Source::Host(h.0 + in_off),
+                Mapping::Zero(..) => Source::Zero,
+                Mapping::Unallocated if self.backing.is_some() => Source::Backing(pos),
+                Mapping::Unallocated => Source::Zero,
+                Mapping::Compressed(h, clen) => Source::Compressed {
+                    host: h.0,
+                    clen,
+                    skip: in_off as usize,
+                },
+            };
+            match (plan.last_mut(), &src) {
+                (Some((Source::Host(h), l)), Source::Host(nh)) if *h + *l as u64 == *nh => {
+                    *l += n as usize
+                }
+                (Some((Source::Zero, l)), Source::Zero) => *l += n as usize,
+                (Some((Source::Backing(g), l)), Source::Backing(ng)) if *g + *l as u64 == *ng => {
+                    *l += n as usize
+                }
+                _ => plan.push((src, n as usize)),
+            }
+            pos += n;
+        }
+        Ok(plan)
+    }
+
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size();
+        if offset >= bsize {
+            buf.fill(0);
+            return Ok(());
+        }
+        let n = ((bsize - offset) as usize).min(buf.len());
+        b.read_at(&mut buf[..n], offset)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn read_compressed(&self, host: u64, clen: u64, out: &mut [u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        if clen > 2 * cs + 512 {
+            return Err(Error::Corrupt(format!(
+                "compressed cluster at {host:#x} claims {clen} bytes"
+            )));
+        }
+        let mut input = vec![0u8; clen as usize];
+        self.storage
+            .read_at(&mut input, host)
+            .ctx(|| format!("reading compressed cluster at {host:#x}"))?;
+        decompress(self.compression, &input, out)
+    }
+
+    fn exec_read(&self, plan: Vec<(Source, usize)>, buf: &mut [u8]) -> Result<()> {
+        let mut at = 0usize;
+        for (src, n) in plan {
+            let dst = &mut buf[at..at + n];
+            match src {
+                Source::Host(h) => self
+                    .storage
+                    .read_at(dst, h)
+                    .ctx(|| format!("reading data at {h:#x}"))?,
+                Source::Zero => dst.fill(0),
+                Source::Backing(g) => self.read_backing(dst, g)?,
+                Source::Compressed { host, clen, skip } => {
+                    let mut c = vec![0u8; self.cluster_size() as usize];
+                    self.read_compressed(host, clen, &mut c)?;
+                    dst.copy_from_slice(&c[skip..skip + n]);
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// The whole current contents of guest cluster `gc` as mapped by `old`.
+    fn cluster_contents(&self, gc: u64, old: Mapping, out: &mut [u8]) -> Result<()> {
+        match old {
+            Mapping::Normal(h, _) => self
+                .storage
+                .read_at(out, h.0)
+                .ctx(|| format!("reading cluster at {h}")),
+            Mapping::Zero(..) => {
+                out.fill(0);
+                Ok(())
+            }
+            Mapping::Unallocated => self.read_backing(out, gc * self.cluster_size()),
+            Mapping::Compressed(h, clen) => self.read_compressed(h.0, clen, out),
+        }
+    }
+
+    // ---- writes ------------------------------------------------------------------
+
+    /// Writes `data` at guest `offset`: in place where the cluster is ours alone,
+    /// allocating (with copy-on-write of the rest of the cluster) elsewhere.
+    fn write_inner(&self, data: &[u8], offset: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut direct: Vec<(u64, usize, usize)> = Vec::new();
+        {
+            let mut m = self.lock();
+            self.writable(&m)?;
+            let end = offset + data.len() as u64;
+            let mut pos = offset;
+            while pos < end {
+                let gc = pos / cs;
+                let in_off = pos % cs;
+                let n = (cs - in_off).min(end - pos);
+                let at = (pos - offset) as usize;
+                match m.mapping(gc)? {
+                    Mapping::Normal(h, true) => {
+                        match direct.last_mut() {
+                            Some((hh, _, l)) if *hh + *l as u64 == h.0 + in_off => *l += n as usize,
+                            _ => direct.push((h.0 + in_off, at, n as usize)),
+                        }
+                        pos += n;
+                    }
+                    old if in_off == 0
+                        && n == cs
+                        && !matches!(old, Mapping::Zero(Some(_), true)) =>
+                    {
+                        // A run of whole clusters that need fresh clusters: allocate
+                        // them contiguously and write them in one go.
+                        let mut run = 1u64;
+                        let mut olds = vec![old];
+                        while pos + (run + 1) * cs <= end {
+                            let next = m.mapping(gc + run)?;
+                            if matches!(
+                                next,
+                                Mapping::Normal(_, true) | Mapping::Zero(Some(_), true)
+                            ) {
+                                break;
+                            }
+                            olds.push(next);
+                            run += 1;
+                        }
+                        let host = m.alloc_clusters(run)? * cs;
+                        let bytes = (run * cs) as usize;
+                        self.storage
+                            .write_at(&data[at..at + bytes], host)
+                            .ctx(|| format!("writing data at {host:#x}"))?;
+                        for (i, old) in olds.into_iter().enumerate() {
+                            m.set_l2_entry(gc + i as u64, (host + i as u64 * cs) | COPIED)?;
+                            m.release(old);
+                        }
+                        pos += run * cs;
+                    }
+                    old => {
+                        let (host, reuse) = match old {
+                            Mapping::Zero(Some(h), true) => (h.0, true),
+                            _ => (m.alloc_clusters(1)? * cs, false),
+                        };
+                        let mut buf = vec![0u8; cs as usize];
+                        if n < cs && !reuse {
+                            self.cluster_contents(gc, old, &mut buf)?;
+                        }
+                        buf[in_off as usize..(in_off + n) as usize]
+                            .copy_from_slice(&data[at..at + n as usize]);
+                        self.storage
+                            .write_at(&buf, host)
+                            .ctx(|| format!("writing data at {host:#x}"))?;
+                        m.set_l2_entry(gc, host | COPIED)?;
+                        if !reuse {
+                            m.release(old);
+                        }
+                        pos += n;
+                    }
+                }
+            }
+        }
+        for (h, at, n) in direct {
+            self.storage
+                .write_at(&data[at..at + n], h)
+                .ctx(|| format!("writing data at {h:#x}"))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes or deallocates whole clusters `[first, first+count)`. `discard` selects
+    /// discard semantics (nothing is written where no metadata change can do it).
+    fn zero_clusters(
+        &self,
+        m: &mut Meta,
+        first: u64,
+        count: u64,
+        unmap: bool,
+        discard: bool,
+    ) -> Result<()> {
+        let v3 = self.version >= 3;
+        let has_backing = self.backing.is_some();
+        let cs = self.cluster_size();
+        for gc in first..first + count {
+            let old = m.mapping(gc)?;
+            let new = if v3 {
+                if discard || unmap {
+                    if has_backing {
+                        ZERO
+                    } else {
+                        0
+                    }
+                } else {
+                    match old {
+                        Mapping::Normal(h, true) | Mapping::Zero(Some(h), true) => {
+                            h.0 | COPIED | ZERO
+                        }
+                        _ if !has_backing => 0,
+                        _ => ZERO,
+                    }
+                }
+            } else if has_backing {
+                if discard {
+                    continue;
+                }
+                // v2 cannot say "zero": write zeros into the cluster.
+                let zeros = vec![0u8; cs as usize];
+                write_cluster_locked(self, m, &zeros, gc * cs)?;
+                continue;
+            } else {
+                0
+            };
+            if m.l2_entry(gc)? == new {
+                continue;
+            }
+            m.set_l2_entry(gc, new)?;
+            let keeps = new & crate::meta::OFFSET_MASK != 0;
+            if !keeps {
+                m.release(old);
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_or_discard(&self, offset: u64, len: u64, unmap: bool, discard: bool) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let first_full = offset.div_ceil(cs);
+        // The last cluster of the disk counts as whole when the range reaches the end.
+        let last_full = if end == self.size {
+            end.div_ceil(cs)
+        } else {
+            end / cs
+        };
+        if !discard {
+            let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            // Partial head and tail clusters are written with zeros.
+            let head_end = (first_full * cs).min(end);
+            if offset < head_end && (first_full > last_full || offset % cs != 0) {
+                let n = if first_full > last_full {
+                    len
+                } else {
+                    head_end - offset
+                };
+                self.write_inner(&vec![0u8; n as usize], offset)?;
+            }
+            if last_full >= first_full && end > last_full * cs && end != self.size {
+                let n = end - last_full * cs;
+                self.write_inner(&vec![0u8; n as usize], last_full * cs)?;
+            }
+        }
+        if last_full <= first_full {
+            return Ok(());
+        }
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.lock();
+        self.writable(&m)?;
+        self.zero_clusters(&mut m, first_full, last_full - first_full, unmap, discard)?;
+        if !m.pending_frees.is_empty() {
+            // The tables that dropped the references must be durable before the
+            // refcounts go down.
+            m.writeback()?;
+            m.sync()?;
+            m.apply_pending_frees()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every cached table and syncs the file (the image on disk is then
+    /// complete and consistent).
+    pub fn flush_all(&self) -> Result<()> {
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.lock();
+        if self.read_only {
+            return Ok(());
+        }
+        m.flush_all()
+    }
+}
+
+/// Writes through the data path while the caller holds the metadata lock (v2 zeroing).
+fn write_cluster_locked(img: &Qcow2Image, m: &mut Meta, data: &[u8], offset: u64) -> Result<()> {
+    let cs = img.cluster_size();
+    let gc = offset / cs;
+    let old = m.mapping(gc)?;
+    match old {
+        Mapping::Normal(h, true) => img
+            .storage
+            .write_at(data, h.0)
+            .ctx(|| format!("writing data at {h}")),
+        old => {
+            let host = m.alloc_clusters(1)? * cs;
+            img.storage
+                .write_at(data, host)
+                .ctx(|| format!("writing data at {host:#x}"))?;
+            m.set_l2_entry(gc, host | COPIED)?;
+            m.release(old);
+            Ok(())
+        }
+    }
+}
+
+impl BlockImage for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let plan = self.plan_read(offset, buf.len() as u64)?;
+        self.exec_read(plan, buf)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, buf.len() as u64, self.size)?;
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        self.write_inner(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.zero_or_discard(offset, len, may_unmap, false)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.zero_or_discard(offset, len, true, true)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_all()
+    }
+}
+
+impl ImageMetadata for Qcow2Image {
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn autoclear_features(&self) -> u64 {
+        self.lock().header.autoclear_features
+    }
+
+    fn header_extension(&self, magic: u32) -> Option<Vec<u8>> {
+        self.lock().header.extension(magic).map(<[u8]>::to_vec)
+    }
+
+    fn update_header(&self, update: HeaderUpdate) -> Result<()> {
+        let mut m = self.lock();
+        self.writable(&m)?;
+        m.writeback()?;
+        m.sync()?;
+        let saved = m.header.clone();
+        if let Some(a) = update.autoclear {
+            if m.header.version < 3 {
+                return Err(Error::Unsupported(
+                    "qcow2 v2 images have no autoclear features".into(),
+                ));
+            }
+            m.header.autoclear_features = a;
+        }
+        for (magic, data) in update.extensions {
+            m.header.set_extension(magic, data);
+        }
+        if let Err(e) = m.header.serialize() {
+            m.header = saved;
+            return Err(e);
+        }
+        m.write_header()?;
+        m.sync()
+    }
+
+    fn allocate_clusters(&self, count: u64) -> Result<HostOffset> {
+        let mut m = self.lock();
+        self.writable(&m)?;
+        Ok(HostOffset(m.alloc_clusters(count)? * self.cluster_size()))
+    }
+
+    fn free_clusters(&self, offset: HostOffset, count: u64) -> Result<()> {
+        let mut m = self.lock();
+        self.writable(&m)?;
+        if !offset.is_aligned(self.cluster_size()) || offset.0 == 0 {
+            return Err(Error::InvalidImage(format!(
+                "cannot free clusters at unaligned offset {offset}"
+            )));
+        }
+        m.update_refcounts(offset.0 / self.cluster_size(), count, -1)
+    }
+
+    fn read_metadata(&self, offset: HostOffset, buf: &mut [u8]) -> Result<()> {
+        self.storage
+            .read_at(buf, offset.0)
+            .ctx(|| format!("reading metadata at {offset}"))
+    }
+
+    fn write_metadata(&self, offset: HostOffset, buf: &[u8]) -> Result<()> {
+        let mut m = self.lock();
+        self.writable(&m)?;
+        m.overlap_check(offset.0, buf.len() as u64)?;
+        self.storage
+            .write_at(buf, offset.0)
+            .ctx(|| format!("writing metadata at {offset}"))
+    }
+
+    fn flush_metadata(&self) -> Result<()> {
+        self.flush_all()
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        if let Err(e) = self.flush_all() {
+            log::error!("flushing the image on close failed: {e}");
+        }
+    }
+}
+
+/// Reads a whole file region (used by check for tables not in the caches).
+pub(crate) fn read_exact_at(storage: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
+    let mut v = vec![0u8; len];
+    storage
+        .read_at(&mut v, off)
+        .ctx(|| format!("reading metadata at {off:#x}"))?;
+    Ok(v)
+}
