@@ -96,6 +96,19 @@ impl DirtyBitmap {
         while pos < data.len() {
             let wi = (b / 8) as usize;
             let first = (b % 8) as usize;
+            if first == 0 && data.len() - pos >= 8 {
+                // Fast path: whole words.
+                let n = (data.len() - pos) / 8;
+                for (i, chunk) in data[pos..pos + n * 8].chunks_exact(8).enumerate() {
+                    let mut buf = [0u8; 8];
+                    buf.copy_from_slice(chunk);
+                    let val = u64::from_le_bytes(buf) & self.valid_mask(wi + i);
+                    self.words[wi + i].store(val, Ordering::Release);
+                }
+                pos += n * 8;
+                b += n as u64 * 8;
+                continue;
+            }
             let n = (8 - first).min(data.len() - pos);
             let mut buf = [0u8; 8];
             buf[first..first + n].copy_from_slice(&data[pos..pos + n]);
