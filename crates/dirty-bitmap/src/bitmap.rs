@@ -151,6 +151,12 @@ impl DirtyBitmap {
     /// Sets every granule touching `offset..offset + len`; the range is
     /// clamped to the disk size and `len == 0` does nothing. Lock-free; when
     /// the bits are already set it only loads the words.
+    ///
+    /// Call it once the written data is visible to readers of the disk (for
+    /// example right after the write completes, before acknowledging it to
+    /// the guest): whoever later sees the bit, or takes it with
+    /// [`snapshot_and_clear`](Self::snapshot_and_clear), then also sees the
+    /// data.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) {
         if self.enabled.load(Ordering::Relaxed) {

@@ -462,6 +462,10 @@ fn snapshot_is_independent() {
     assert_eq!(dirty_bits(&snap), vec![0]);
     assert_eq!(dirty_bits(&bm), vec![0, 1]);
 
+    let cloned = bm.clone();
+    assert_eq!(dirty_bits(&cloned), vec![0, 1]);
+    assert!(!cloned.is_enabled());
+
     let taken = bm.snapshot_and_clear();
     assert_eq!(dirty_bits(&taken), vec![0, 1]);
     assert!(bm.is_clean());
