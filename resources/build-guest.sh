@@ -77,9 +77,9 @@ while ((${#QUEUE[@]})); do
                  --no-replaces --no-enhances "$pkg" | awk '$1 == "Depends:" && $2 !~ /^</ {print $2}')
 done
 QEMU_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
-log "downloading ${QEMU_PKGS[*]} ${LIBS[*]} busybox-static $KPKG"
+log "downloading ${QEMU_PKGS[*]} ${LIBS[*]} busybox-static util-linux libblkid1 libc6 $KPKG"
 (cd "$WORK/debs" && apt-get "${APT_OPTS[@]}" download "${QEMU_PKGS[@]}" "${LIBS[@]}" \
-     busybox-static "$KPKG" >/dev/null) || die "apt-get download failed"
+     busybox-static util-linux libblkid1 libc6 "$KPKG" >/dev/null) || die "apt-get download failed"
 
 # --- QEMU ------------------------------------------------------------------------------
 QROOT="$CACHE_DIR/qemu"
@@ -137,6 +137,24 @@ for applet in $("$BB" --list); do
     [[ "$applet" == busybox ]] && continue
     ln -sf busybox "$IR/bin/$applet"
 done
+# util-linux blkdiscard as /usr/sbin/blkdiscard (busybox's lacks -z, i.e. BLKZEROOUT),
+# with the libraries it links, taken from the same Debian release.
+UL="$WORK/util-linux"
+for pkg in util-linux libblkid1 libc6; do
+    deb=("$WORK/debs/${pkg}"_*.deb)
+    dpkg-deb -x "${deb[0]}" "$UL"
+done
+mkdir -p "$IR/usr/sbin" "$IR/lib/x86_64-linux-gnu" "$IR/lib64"
+cp "$UL/sbin/blkdiscard" "$IR/usr/sbin/blkdiscard"
+cp -L "$UL/usr/lib/x86_64-linux-gnu/libblkid.so.1" "$UL/lib/x86_64-linux-gnu/libc.so.6" \
+    "$UL/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$IR/lib/x86_64-linux-gnu/"
+ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$IR/lib64/ld-linux-x86-64.so.2"
+"$IR/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$IR/lib/x86_64-linux-gnu" \
+    "$IR/usr/sbin/blkdiscard" --version >/dev/null || die "util-linux blkdiscard does not run"
+missing="$("$IR/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$IR/lib/x86_64-linux-gnu" \
+    --list "$IR/usr/sbin/blkdiscard" | grep 'not found' || true)"
+[[ -z "$missing" ]] || die "util-linux blkdiscard lacks libraries: $missing"
+
 for m in "${MODS[@]}"; do
     ko="$(find "$KX/lib/modules" -name "$m.ko" | head -n1)"
     [[ -n "$ko" ]] || die "module $m.ko not found in $KPKG"
@@ -174,7 +192,7 @@ cat >"$IR/init" <<EOF
 #!/bin/sh
 # Test client init: run the script handed in through fw_cfg (opt/test/script),
 # report "E2E-EXIT <status>" on the serial console and power off.
-export PATH=/bin
+export PATH=/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

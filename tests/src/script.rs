@@ -34,6 +34,13 @@ pub enum DiskOp {
         /// Length in bytes (multiple of 512).
         len: u64,
     },
+    /// `blkdiscard -z` (BLKZEROOUT; a virtio-blk WRITE_ZEROES request when offered).
+    WriteZeroes {
+        /// Byte offset (multiple of 512).
+        offset: u64,
+        /// Length in bytes (multiple of 512).
+        len: u64,
+    },
     /// A cache flush of the device (fsync on the block device).
     Flush,
 }
@@ -92,6 +99,11 @@ impl GuestScript {
         self.op(DiskOp::Discard { offset, len })
     }
 
+    /// Appends a write-zeroes.
+    pub fn write_zeroes(self, offset: u64, len: u64) -> Self {
+        self.op(DiskOp::WriteZeroes { offset, len })
+    }
+
     /// Appends a flush.
     pub fn flush(self) -> Self {
         self.op(DiskOp::Flush)
@@ -118,7 +130,8 @@ impl GuestScript {
             let (offset, len) = match *op {
                 DiskOp::Write { offset, len, .. }
                 | DiskOp::Verify { offset, len, .. }
-                | DiskOp::Discard { offset, len } => (offset, len),
+                | DiskOp::Discard { offset, len }
+                | DiskOp::WriteZeroes { offset, len } => (offset, len),
                 DiskOp::Flush => continue,
             };
             if (offset | len) & 511 != 0 || len == 0 {
@@ -181,6 +194,12 @@ impl GuestScript {
                         "{pin}blkdiscard -o {offset} -l {len} {dev} || fail {n} discard\n"
                     ));
                 }
+                DiskOp::WriteZeroes { offset, len } => {
+                    s.push_str(&format!(
+                        "{pin}/usr/sbin/blkdiscard -z -o {offset} -l {len} {dev} \
+                         || fail {n} write-zeroes\n"
+                    ));
+                }
                 DiskOp::Flush => {
                     s.push_str(&format!(
                         "{pin}dd if=/dev/null of={dev} conv=fsync 2>/tmp/dd.err \
@@ -207,7 +226,9 @@ impl GuestScript {
                     len,
                     pattern,
                 } => (offset, len, pattern),
-                DiskOp::Discard { offset, len } => (offset, len, 0),
+                DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len } => {
+                    (offset, len, 0)
+                }
                 DiskOp::Verify { .. } | DiskOp::Flush => continue,
             };
             let end = offset
@@ -223,7 +244,8 @@ impl GuestScript {
     }
 
     /// Granule-aligned extents `(offset, length)` a dirty bitmap of `granularity` bytes
-    /// must show after the script: every granule touched by a write or a discard, clipped
+    /// must show after the script: every granule touched by a write, write-zeroes or
+    /// discard, clipped
     /// to the disk `size`, merged.
     pub fn expected_dirty_extents(&self, granularity: u64, size: u64) -> Vec<(u64, u64)> {
         if granularity == 0 {
@@ -232,9 +254,9 @@ impl GuestScript {
         let v = self
             .ops()
             .filter_map(|op| match *op {
-                DiskOp::Write { offset, len, .. } | DiskOp::Discard { offset, len } => {
-                    Some((offset, len))
-                }
+                DiskOp::Write { offset, len, .. }
+                | DiskOp::Discard { offset, len }
+                | DiskOp::WriteZeroes { offset, len } => Some((offset, len)),
                 DiskOp::Verify { .. } | DiskOp::Flush => None,
             })
             .filter(|&(o, l)| l > 0 && o < size)
@@ -273,12 +295,14 @@ mod tests {
             .on_cpu(Some(1))
             .verify(512, 1024, 0)
             .discard(1 << 20, 1 << 16)
+            .write_zeroes(1 << 21, 4096)
             .render()
             .unwrap();
         assert!(s.contains("seek=1 oflag=direct"));
         assert!(s.contains("'\\253'"));
         assert!(s.contains("taskset -c 1 dd if=/dev/vda of=/tmp/got bs=512 count=2 skip=1"));
         assert!(s.contains("blkdiscard -o 1048576 -l 65536 /dev/vda"));
+        assert!(s.contains("/usr/sbin/blkdiscard -z -o 2097152 -l 4096 /dev/vda"));
         assert!(GuestScript::new("/dev/vda")
             .write(100, 4096, 1)
             .render()

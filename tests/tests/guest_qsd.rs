@@ -19,7 +19,8 @@ const GRAN: u64 = 64 << 10;
 const BITMAP: &str = "b0";
 
 /// A script touching a few granules: single 4 KiB blocks, a write spanning two granules,
-/// one on the last block, and a discard over one written and two untouched clusters.
+/// one on the last block, a discard over one written and two untouched clusters, and
+/// write-zeroes over written data and over an untouched granule.
 /// With `cpus > 1` the second half runs on CPU 1 so a second queue carries requests.
 fn script(cpus: u32) -> GuestScript {
     let second = (cpus > 1).then_some(1);
@@ -37,6 +38,11 @@ fn script(cpus: u32) -> GuestScript {
         .discard(100 * GRAN, 3 * GRAN)
         .verify(100 * GRAN, 3 * GRAN, 0)
         .verify(SIZE - 4096, 4096, 0xee)
+        .write(200 * GRAN, 8192, 0x33)
+        .write_zeroes(200 * GRAN + 4096, 4096)
+        .write_zeroes(300 * GRAN + 512, 1024)
+        .verify(200 * GRAN, 4096, 0x33)
+        .verify(200 * GRAN + 4096, 4096, 0)
         .flush()
 }
 
@@ -61,9 +67,10 @@ fn run_case(num_queues: u32) {
     .expect("qemu-storage-daemon starts");
     let outcome = Guest::run(&socket, num_queues, &text, Duration::from_secs(240))
         .unwrap_or_else(|e| panic!("guest could not run: {e}"));
+    // Shown by cargo test only on failure or with --nocapture.
     eprintln!(
-        "guest ({num_queues} queue(s)) finished in {:.1?}",
-        outcome.elapsed
+        "guest ({num_queues} queue(s)) finished in {:.1?}\n{}",
+        outcome.elapsed, outcome.serial_log
     );
     if let Err(e) = outcome.check_success() {
         panic!("{e}\n--- server log ---\n{}", backend.log());
@@ -112,6 +119,8 @@ fn check_image(image: &Path, script: &GuestScript, dir: &Path) {
             &format!("read -P 0xab {GRAN} 4k"),
             &format!("read -P 0x11 {} 8k", 32 * GRAN - 4096),
             &format!("read -P 0 {} 192k", 100 * GRAN),
+            &format!("read -P 0x33 {} 4k", 200 * GRAN),
+            &format!("read -P 0 {} 4k", 200 * GRAN + 4096),
         ],
     )
     .expect("qemu-io pattern reads");
