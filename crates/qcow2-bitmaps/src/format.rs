@@ -129,11 +129,12 @@ impl DirEntry {
         if bad {
             return false;
         }
-        if self.in_use() {
-            return true;
-        }
         let phys = self.table_size as u128 * cluster_size as u128;
-        phys <= MAX_PHYS_SIZE as u128 && disk_size as u128 <= (phys * 8) << self.granularity_bits
+        if phys > MAX_PHYS_SIZE as u128 {
+            return false;
+        }
+        // An IN_USE bitmap may have a stale size (e.g. not saved after a resize).
+        self.in_use() || disk_size as u128 <= (phys * 8) << self.granularity_bits
     }
 
     /// Appends the entry's on-disk bytes (padded to 8) to `out`.

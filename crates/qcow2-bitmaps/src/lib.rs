@@ -25,3 +25,6 @@ pub use error::{Error, Result};
 pub use load::{WARN_LEAKS, WARN_LOST_V2, WARN_LOST_V3};
 pub use ops::{AddOptions, MergeSource};
 pub use set::{BitmapInfo, Bitmaps};
+
+#[cfg(test)]
+mod tests;

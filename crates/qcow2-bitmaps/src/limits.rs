@@ -137,7 +137,11 @@ mod tests {
             Err(Error::TooBig)
         ));
         // 2 MiB clusters with large granularity must not overflow (QEMU bug 4.1.1)
-        check_constraints("a", 31, u64::MAX / 2, 2 << 20).unwrap();
+        check_constraints("a", 31, 1 << 60, 2 << 20).unwrap();
+        assert!(matches!(
+            check_constraints("a", 31, u64::MAX, 2 << 20),
+            Err(Error::TooBig)
+        ));
         assert_eq!(check_granularity_arg(512).unwrap(), 9);
         assert!(check_granularity_arg(256).is_err());
         assert!(check_granularity_arg(3000).is_err());

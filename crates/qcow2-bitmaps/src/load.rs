@@ -166,7 +166,7 @@ impl Bitmaps {
 }
 
 /// Rewrites the directory in place with only flags changed: clear autoclear bit 0 (header
-/// + sync), write the directory, rewrite the header (+ sync), set the bit again (+ sync).
+/// and sync), write the directory, rewrite the header (+ sync), set the bit again (+ sync).
 /// A crash in between leaves the bit clear, so every bitmap counts as lost, never stale.
 fn update_in_place(img: &dyn ImageMetadata, st: &State, new_dir: &[DirEntry]) -> Result<()> {
     let ext = st.ext.ok_or(Error::BrokenDirectory)?;

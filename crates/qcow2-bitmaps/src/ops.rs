@@ -142,7 +142,11 @@ impl Bitmaps {
                 .filter_map(|(_, e)| e.disk.clone())
                 .collect();
             let mut allocated = Vec::new();
-            let ext = match write_directory(img, &remaining, &mut allocated) {
+            let written = write_directory(img, &remaining, &mut allocated).and_then(|x| {
+                img.flush_metadata().map_err(Error::UpdateExtension)?;
+                Ok(x)
+            });
+            let ext = match written {
                 Ok(x) => x,
                 Err(e) => {
                     free_allocated(img, &allocated);

@@ -53,10 +53,10 @@ pub(crate) fn write_directory(
     }))
 }
 
-/// Makes everything written so far durable, then points the header at `ext` (autoclear
-/// bit 0 set), or removes the extension and clears the bit when `ext` is `None`.
+/// Points the header at `ext` (autoclear bit 0 set), or removes the extension and clears
+/// the bit when `ext` is `None`. `update_header` flushes first and syncs after; callers
+/// also flush before (so a failed flush is known to leave the header untouched).
 pub(crate) fn switch_header(img: &dyn ImageMetadata, ext: Option<BitmapsExt>) -> Result<()> {
-    img.flush_metadata().map_err(Error::UpdateExtension)?;
     let ac = img.autoclear_features();
     let update = match ext {
         Some(x) => HeaderUpdate {
@@ -101,6 +101,10 @@ impl Bitmaps {
     /// header switch itself failed, possibly the new ones, plus leaked clusters) and
     /// the error names the bitmaps whose current contents are not saved.
     pub fn store(&self, img: &dyn ImageMetadata) -> Result<()> {
+        if self.read_only {
+            // Nothing can have changed: bitmaps of a read-only set are never modified.
+            return Ok(());
+        }
         let mut st = self.lock();
         let to_store: Vec<usize> = st
             .entries
@@ -120,11 +124,13 @@ impl Bitmaps {
                 .collect(),
             reason: Box::new(reason),
         };
-        if self.read_only {
-            return Err(lost(Error::NoWriteAccess, &st));
-        }
         let mut allocated = Vec::new();
-        let (new_dir, ext) = match self.write_all(img, &st, &mut allocated) {
+        let written = self.write_all(img, &st, &mut allocated).and_then(|v| {
+            img.flush_metadata()
+                .map(|_| v)
+                .map_err(Error::UpdateExtension)
+        });
+        let (new_dir, ext) = match written {
             Ok(v) => v,
             Err(e) => {
                 free_allocated(img, &allocated);

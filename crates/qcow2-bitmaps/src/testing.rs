@@ -261,11 +261,10 @@ impl ImageMetadata for MemImage {
             return Err(Error::InvalidImage("allocation of 0 clusters".into()));
         }
         let mut start = 1u64;
-        loop {
-            match (start..start + count).find(|c| s.refcounts.get(c).copied().unwrap_or(0) > 0) {
-                Some(used) => start = used + 1,
-                None => break,
-            }
+        while let Some(used) =
+            (start..start + count).find(|c| s.refcounts.get(c).copied().unwrap_or(0) > 0)
+        {
+            start = used + 1;
         }
         for c in start..start + count {
             s.refcounts.insert(c, 1);
