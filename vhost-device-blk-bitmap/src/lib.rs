@@ -6,10 +6,14 @@
 //! [`transport`] (descriptor chains) ← [`backend`] (vhost-user) ← [`server`] (listen loop,
 //! signals).
 
+pub mod args;
 pub mod backend;
 pub mod buffer;
+pub mod config;
 pub mod device;
+pub mod disk;
 pub mod lock;
+pub mod server;
 pub mod tracker;
 pub mod transport;
 pub mod virtio_blk;

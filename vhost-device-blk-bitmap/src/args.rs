@@ -1,0 +1,87 @@
+//! Command-line arguments (clap derive), in the vhost-device style. Values are checked
+//! further when converted into a [`crate::config::Config`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Serve a qcow2 or raw disk image to a VMM as a vhost-user-blk device.
+#[derive(Parser, Debug)]
+#[command(name = "vhost-device-blk-bitmap", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// Options for serving an image (used when no subcommand is given).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Image maintenance subcommands (none yet).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands; serving is the default when none is given.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {}
+
+/// Image formats.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatArg {
+    /// QEMU qcow2 (version 2 or 3).
+    Qcow2,
+    /// Raw: the file is the disk.
+    Raw,
+}
+
+/// Options of the serving mode.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeArgs {
+    /// Location of the vhost-user Unix domain socket (created; a stale one is replaced).
+    #[arg(short = 's', long, value_name = "SOCKET")]
+    pub socket_path: Option<PathBuf>,
+
+    /// The disk image to serve.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+
+    /// Image format; probed from the file's first bytes when absent.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+
+    /// Serve the disk read-only (the guest sees a read-only device).
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Number of request virtqueues (1-64), each served by its own thread.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub num_queues: u16,
+
+    /// Largest virtqueue size a frontend may configure (power of two, 2-32768).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub queue_size: u32,
+
+    /// Logical block size reported to the guest in bytes (512 or 4096).
+    #[arg(long, default_value_t = 512, value_name = "BYTES")]
+    pub logical_block_size: u32,
+
+    /// Serial number answered to GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "vhost_user_blk", value_name = "STRING")]
+    pub serial: String,
+
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Start with the guest-visible write cache disabled (writethrough: every write is
+    /// flushed before it completes). The guest may change it later.
+    #[arg(long)]
+    pub writethrough: bool,
+
+    /// Persistent dirty bitmap to record guest writes into, as NAME[,granularity=SIZE]
+    /// (SIZE a power of two from 512 to 2G, suffixes K/M/G). Repeatable.
+    #[arg(long = "bitmap", value_name = "NAME[,granularity=SIZE]")]
+    pub bitmaps: Vec<String>,
+
+    /// Create the image with this virtual size when it does not exist (suffixes K, M, G,
+    /// T, P; binary units). If it exists, its size must match.
+    #[arg(long, value_name = "SIZE")]
+    pub create_size: Option<String>,
+}

@@ -1,0 +1,380 @@
+//! Validated daemon configuration, built from the command line with `TryFrom`.
+
+use std::path::PathBuf;
+
+use crate::args::{FormatArg, ServeArgs};
+use crate::disk::ImageFormat;
+use crate::virtio_blk::ID_BYTES;
+
+/// Largest number of queues: vhost-user-backend assigns queues to threads with 64-bit masks.
+pub const MAX_QUEUES: u16 = 64;
+/// Largest virtqueue size allowed by virtio (split rings).
+pub const MAX_QUEUE_SIZE: u32 = 32768;
+/// Longest bitmap name QEMU accepts.
+pub const MAX_BITMAP_NAME: usize = 1023;
+
+/// A bad command-line value; the message is one line naming the option.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+/// A `--bitmap` request: record writes into the persistent bitmap `name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapSpec {
+    /// Bitmap name.
+    pub name: String,
+    /// Granularity in bytes when the bitmap has to be created; `None` = default.
+    pub granularity: Option<u64>,
+}
+
+/// Everything the daemon needs to serve, already checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Socket to listen on.
+    pub socket_path: PathBuf,
+    /// Image path.
+    pub image: PathBuf,
+    /// Image format, `None` = probe.
+    pub format: Option<ImageFormat>,
+    /// Read-only device.
+    pub read_only: bool,
+    /// Request queues (1..=64).
+    pub num_queues: u16,
+    /// Maximum queue size (power of two).
+    pub queue_size: u16,
+    /// Logical block size (512 or 4096).
+    pub logical_block_size: u32,
+    /// GET_ID serial (≤ 20 bytes).
+    pub serial: Vec<u8>,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Initial wce byte: write cache enabled.
+    pub writeback: bool,
+    /// Bitmaps to record into.
+    pub bitmaps: Vec<BitmapSpec>,
+    /// Create the image with this size when missing.
+    pub create_size: Option<u64>,
+}
+
+/// Parses a size such as `4096`, `64K`, `10G` (binary units; optional trailing `B`/`iB`).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || {
+        bad(format!(
+            "invalid size '{s}': expected a whole number with an optional K, M, G, T or P suffix"
+        ))
+    };
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(err());
+    }
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| bad(format!("invalid size '{s}': too large")))
+}
+
+/// Parses `NAME[,granularity=SIZE]`.
+pub fn parse_bitmap(s: &str) -> Result<BitmapSpec, ConfigError> {
+    let mut parts = s.split(',');
+    let name = parts.next().unwrap_or_default();
+    if name.is_empty() {
+        return Err(bad(format!("--bitmap '{s}': the bitmap name is empty")));
+    }
+    if name.len() > MAX_BITMAP_NAME {
+        return Err(bad(format!(
+            "--bitmap: name is {} bytes, the limit is {MAX_BITMAP_NAME}",
+            name.len()
+        )));
+    }
+    let mut granularity = None;
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("granularity", v)) => {
+                let g =
+                    parse_size(v).map_err(|e| bad(format!("--bitmap {name}: granularity: {e}")))?;
+                if !g.is_power_of_two() || !(512..=(2u64 << 30)).contains(&g) {
+                    return Err(bad(format!(
+                        "--bitmap {name}: granularity {g} must be a power of two from 512 to 2G"
+                    )));
+                }
+                if granularity.replace(g).is_some() {
+                    return Err(bad(format!("--bitmap {name}: granularity given twice")));
+                }
+            }
+            _ => {
+                return Err(bad(format!(
+                    "--bitmap {name}: unknown option '{opt}' (expected granularity=SIZE)"
+                )))
+            }
+        }
+    }
+    Ok(BitmapSpec {
+        name: name.to_owned(),
+        granularity,
+    })
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
+        let socket_path = a
+            .socket_path
+            .ok_or_else(|| bad("--socket-path is required"))?;
+        let image = a.image.ok_or_else(|| bad("--image is required"))?;
+        if a.num_queues == 0 || a.num_queues > MAX_QUEUES {
+            return Err(bad(format!(
+                "--num-queues {} is out of range (1-{MAX_QUEUES})",
+                a.num_queues
+            )));
+        }
+        if !a.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&a.queue_size) {
+            return Err(bad(format!(
+                "--queue-size {} must be a power of two from 2 to {MAX_QUEUE_SIZE}",
+                a.queue_size
+            )));
+        }
+        if a.logical_block_size != 512 && a.logical_block_size != 4096 {
+            return Err(bad(format!(
+                "--logical-block-size {} must be 512 or 4096",
+                a.logical_block_size
+            )));
+        }
+        if a.serial.len() > ID_BYTES {
+            return Err(bad(format!(
+                "--serial is {} bytes long, the limit is {ID_BYTES}",
+                a.serial.len()
+            )));
+        }
+        let mut bitmaps: Vec<BitmapSpec> = Vec::new();
+        for b in &a.bitmaps {
+            let spec = parse_bitmap(b)?;
+            if bitmaps.iter().any(|x| x.name == spec.name) {
+                return Err(bad(format!("--bitmap {} given twice", spec.name)));
+            }
+            bitmaps.push(spec);
+        }
+        if a.readonly && !bitmaps.is_empty() {
+            return Err(bad(
+                "--bitmap cannot be used with --readonly (nothing is written)",
+            ));
+        }
+        let create_size = match &a.create_size {
+            None => None,
+            Some(s) => {
+                let n = parse_size(s).map_err(|e| bad(format!("--create-size: {e}")))?;
+                if n == 0 || n % u64::from(a.logical_block_size) != 0 {
+                    return Err(bad(format!(
+                        "--create-size {n} must be a positive multiple of the logical block size {}",
+                        a.logical_block_size
+                    )));
+                }
+                if a.readonly {
+                    return Err(bad("--create-size cannot be used with --readonly"));
+                }
+                Some(n)
+            }
+        };
+        Ok(Config {
+            socket_path,
+            image,
+            format: a.format.map(|f| match f {
+                FormatArg::Qcow2 => ImageFormat::Qcow2,
+                FormatArg::Raw => ImageFormat::Raw,
+            }),
+            read_only: a.readonly,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size as u16,
+            logical_block_size: a.logical_block_size,
+            serial: a.serial.into_bytes(),
+            direct: a.direct,
+            writeback: !a.writethrough,
+            bitmaps,
+            create_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::Cli;
+    use clap::Parser;
+
+    fn cfg(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec![
+            "vhost-device-blk-bitmap",
+            "-s",
+            "/tmp/s.sock",
+            "--image",
+            "/tmp/i",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::try_from(cli.serve).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.socket_path, PathBuf::from("/tmp/s.sock"));
+        assert_eq!(c.image, PathBuf::from("/tmp/i"));
+        assert_eq!(c.format, None);
+        assert!(!c.read_only && !c.direct && c.writeback);
+        assert_eq!(
+            (c.num_queues, c.queue_size, c.logical_block_size),
+            (1, 1024, 512)
+        );
+        assert_eq!(c.serial, b"vhost_user_blk");
+        assert!(c.bitmaps.is_empty());
+        assert_eq!(c.create_size, None);
+    }
+
+    #[test]
+    fn all_options() {
+        let c = cfg(&[
+            "--format",
+            "qcow2",
+            "--readonly",
+            "--num-queues",
+            "4",
+            "--queue-size",
+            "256",
+            "--logical-block-size",
+            "4096",
+            "--serial",
+            "abc",
+            "--direct",
+            "--writethrough",
+        ])
+        .unwrap();
+        assert_eq!(c.format, Some(ImageFormat::Qcow2));
+        assert!(c.read_only && c.direct && !c.writeback);
+        assert_eq!(
+            (c.num_queues, c.queue_size, c.logical_block_size),
+            (4, 256, 4096)
+        );
+        assert_eq!(c.serial, b"abc");
+        let c = cfg(&[
+            "--bitmap",
+            "b0",
+            "--bitmap",
+            "b1,granularity=64K",
+            "--create-size",
+            "1G",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.bitmaps,
+            vec![
+                BitmapSpec {
+                    name: "b0".into(),
+                    granularity: None
+                },
+                BitmapSpec {
+                    name: "b1".into(),
+                    granularity: Some(65536)
+                }
+            ]
+        );
+        assert_eq!(c.create_size, Some(1 << 30));
+    }
+
+    #[test]
+    fn bad_values_have_clear_errors() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--num-queues", "0"], "--num-queues 0 is out of range"),
+            (&["--num-queues", "65"], "--num-queues 65 is out of range"),
+            (
+                &["--queue-size", "100"],
+                "--queue-size 100 must be a power of two",
+            ),
+            (
+                &["--queue-size", "65536"],
+                "--queue-size 65536 must be a power of two",
+            ),
+            (&["--logical-block-size", "1024"], "must be 512 or 4096"),
+            (
+                &["--serial", "123456789012345678901"],
+                "--serial is 21 bytes long",
+            ),
+            (&["--bitmap", ""], "the bitmap name is empty"),
+            (
+                &["--bitmap", "a,granularity=1000"],
+                "must be a power of two from 512",
+            ),
+            (
+                &["--bitmap", "a,granularity=256"],
+                "must be a power of two from 512",
+            ),
+            (&["--bitmap", "a,foo=1"], "unknown option 'foo=1'"),
+            (
+                &["--bitmap", "a", "--bitmap", "a"],
+                "--bitmap a given twice",
+            ),
+            (
+                &["--bitmap", "a", "--readonly"],
+                "cannot be used with --readonly",
+            ),
+            (&["--create-size", "12X"], "invalid size '12X'"),
+            (&["--create-size", "0"], "positive multiple"),
+            (&["--create-size", "1000"], "positive multiple"),
+            (
+                &["--create-size", "1G", "--readonly"],
+                "--create-size cannot be used",
+            ),
+            (&["--format", "vmdk"], "invalid value 'vmdk'"),
+        ];
+        for (args, want) in cases {
+            let err = cfg(args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn required_options() {
+        let cli = Cli::try_parse_from(["x", "--image", "/i"]).unwrap();
+        assert_eq!(
+            Config::try_from(cli.serve).unwrap_err().to_string(),
+            "--socket-path is required"
+        );
+        let cli = Cli::try_parse_from(["x", "-s", "/s"]).unwrap();
+        assert_eq!(
+            Config::try_from(cli.serve).unwrap_err().to_string(),
+            "--image is required"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("2M").unwrap(), 2 << 20);
+        assert_eq!(parse_size("3G").unwrap(), 3 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert_eq!(parse_size("1P").unwrap(), 1 << 50);
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("10MB").unwrap(), 10 << 20);
+        for bad in ["", "G", "1.5G", "-1", "1Q", "99999999999P"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The daemon's life: listen, serve one frontend at a time, listen again after every
+//! disconnect, and stop cleanly on request (SIGTERM/SIGINT or [`StopHandle::stop`]).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use log::{error, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::BlkBackend;
+use crate::device::BlkDevice;
+use crate::tracker::TrackerError;
+
+/// Errors that end the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket could not be created.
+    #[error("cannot listen on '{path}': {err}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// The vhost error.
+        err: VhostUserError,
+    },
+    /// The vhost-user daemon could not be set up or accept.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// An OS error.
+    #[error("{what}: {err}")]
+    Io {
+        /// What failed.
+        what: &'static str,
+        /// The error.
+        err: io::Error,
+    },
+    /// The write tracker refused a connection.
+    #[error("write tracker: {0}")]
+    Tracker(#[from] TrackerError),
+}
+
+struct StopState {
+    stopping: AtomicBool,
+    event: EventFd,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+impl std::fmt::Debug for StopState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopState")
+            .field("stopping", &self.stopping)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Asks a running [`Server`] to stop: it stops accepting, ends the current connection
+/// (requests already started complete), and returns from [`Server::run`].
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<StopState>);
+
+impl StopHandle {
+    /// A new, not yet triggered handle.
+    pub fn new() -> io::Result<Self> {
+        Ok(StopHandle(Arc::new(StopState {
+            stopping: AtomicBool::new(false),
+            event: EventFd::new(EFD_NONBLOCK)?,
+            conn: Mutex::new(None),
+        })))
+    }
+
+    /// Requests the stop (idempotent; callable from any thread).
+    pub fn stop(&self) {
+        self.0.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = self.0.event.write(1) {
+            warn!("cannot wake the listener: {e}");
+        }
+        if let Some(h) = self.lock_conn().as_ref() {
+            h.shutdown();
+        }
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.0.stopping.load(Ordering::SeqCst)
+    }
+
+    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.0.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the current connection; shuts it down at once if a stop already came.
+    fn set_conn(&self, handle: Option<ShutdownHandle>) {
+        let mut c = self.lock_conn();
+        *c = handle;
+        if self.is_stopping() {
+            if let Some(h) = c.as_ref() {
+                h.shutdown();
+            }
+        }
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it creates later) and
+/// starts a thread that turns them into [`StopHandle::stop`]. Call before creating threads.
+pub fn handle_termination_signals(stop: StopHandle) -> io::Result<thread::JoinHandle<()>> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out pointer.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r != 0 {
+                error!("sigwait failed: {}", io::Error::from_raw_os_error(r));
+                return;
+            }
+            let name = if sig == libc::SIGTERM {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            };
+            if stop.is_stopping() {
+                info!("received {name} again; still stopping");
+            } else {
+                info!("received {name}: stopping");
+                stop.stop();
+            }
+        })
+}
+
+/// Waits until `fd` is readable or the stop event fires. Returns false on stop.
+fn wait_for_client(fd: RawFd, stop: &StopHandle) -> io::Result<bool> {
+    loop {
+        if stop.is_stopping() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.0.event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the whole call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 || stop.is_stopping() {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Serving parameters.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Socket path.
+    pub socket_path: PathBuf,
+    /// Request queues.
+    pub num_queues: usize,
+    /// Maximum queue size.
+    pub queue_size: usize,
+}
+
+/// Serves one device on a vhost-user socket, one frontend at a time.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    device: Arc<BlkDevice>,
+    stop: StopHandle,
+}
+
+impl Server {
+    /// A server for `device`, stopped through `stop`.
+    pub fn new(config: ServerConfig, device: Arc<BlkDevice>, stop: StopHandle) -> Self {
+        Server {
+            config,
+            device,
+            stop,
+        }
+    }
+
+    /// Listens and serves until stopped. On return the socket is removed, every request
+    /// has completed and the image was flushed; the tracker's `on_shutdown` is left to
+    /// the caller.
+    pub fn run(&self) -> Result<(), ServerError> {
+        let path = &self.config.socket_path;
+        let mut listener = Listener::new(path, true).map_err(|err| ServerError::Listen {
+            path: path.clone(),
+            err,
+        })?;
+        info!(
+            "listening on {} ({} queue(s), image of {} bytes{})",
+            path.display(),
+            self.config.num_queues,
+            self.device.image().size(),
+            if self.device.image().is_read_only() {
+                ", read-only"
+            } else {
+                ""
+            }
+        );
+        while wait_for_client(listener.as_raw_fd(), &self.stop).map_err(|err| ServerError::Io {
+            what: "waiting for a frontend",
+            err,
+        })? {
+            self.serve_one(&mut listener)?;
+        }
+        drop(listener);
+        if let Err(e) = self.device.image().flush() {
+            error!("final flush failed: {e}");
+        }
+        info!("stopped");
+        Ok(())
+    }
+
+    fn serve_one(&self, listener: &mut Listener) -> Result<(), ServerError> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(
+            BlkBackend::new(
+                self.device.clone(),
+                self.config.num_queues,
+                self.config.queue_size,
+                mem.clone(),
+            )
+            .map_err(|err| ServerError::Io {
+                what: "creating the backend",
+                err,
+            })?,
+        );
+        let mut daemon =
+            VhostUserDaemon::new("vhost-device-blk-bitmap".to_string(), backend.clone(), mem)
+                .map_err(|e| ServerError::Daemon(e.to_string()))?;
+        if let Err(e) = daemon.start(listener) {
+            drop(daemon);
+            backend.close_handed_out_fds();
+            if self.stop.is_stopping() {
+                return Ok(());
+            }
+            // A client that vanished before we accepted it is not fatal.
+            warn!("accepting a frontend failed: {e}");
+            return Ok(());
+        }
+        info!("frontend connected");
+        self.stop.set_conn(daemon.shutdown_handle());
+        let tracker_result = self.device.tracker().on_frontend_connected();
+        if let Err(e) = &tracker_result {
+            error!("write tracker refused the connection: {e}");
+            daemon.request_shutdown();
+        }
+        let result = daemon.wait();
+        self.stop.set_conn(None);
+        // Stop the queue threads; dropping the daemon joins them after their current
+        // batch, so every request taken from a ring has completed.
+        backend.signal_exit();
+        drop(daemon);
+        backend.close_handed_out_fds();
+        if let Err(e) = self.device.image().flush() {
+            error!("flush after disconnect failed: {e}");
+        }
+        match result {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("frontend disconnected"),
+            Err(e) => warn!("connection ended: {e}"),
+        }
+        tracker_result?;
+        if let Err(e) = self.device.tracker().on_frontend_disconnected() {
+            error!("write tracker failed after disconnect: {e}");
+        }
+        Ok(())
+    }
+}
