@@ -71,6 +71,9 @@ pub enum E2eError {
     /// A guest test script or request is invalid.
     #[error("invalid test request: {0}")]
     InvalidRequest(String),
+    /// An end-to-end check found a difference from the expected result.
+    #[error("check failed: {0}")]
+    Check(String),
     /// The guest did not report success.
     #[error("guest test failed: {reason}\n--- serial log ---\n{serial_log}")]
     GuestFailed {

@@ -5,6 +5,8 @@
 //!   under test, run a shell script in it and read its exit status.
 //! * [`GuestScript`]: generic block operations plus the host-side model of their effect
 //!   (expected contents and dirty granules), reusable for any server.
+//! * [`Scenario`]: the standard guest workload plus every image check after it; run it
+//!   against any server by passing a closure that starts it.
 //! * [`Backend`]: a server process (our daemon or `qemu-storage-daemon`).
 //! * [`tools`]: qemu-img / qemu-io / qemu-nbd helpers to inspect images and bitmaps.
 //!
@@ -14,12 +16,14 @@ pub mod backend;
 pub mod error;
 pub mod guest;
 pub mod process;
+pub mod scenario;
 pub mod script;
 pub mod tools;
 
 pub use backend::{qsd_vhost_user_blk, Backend};
 pub use error::{E2eError, Result};
 pub use guest::{Accel, Guest, GuestConfig, GuestEnv, GuestOutcome};
+pub use scenario::{Scenario, ScenarioReport};
 pub use script::{DiskOp, GuestScript};
 pub use tools::{
     bitmap_dirty_extents, in_ci, qemu_img_check, qemu_img_info_json, require_tool, require_tools,
