@@ -17,3 +17,6 @@ pub mod server;
 pub mod tracker;
 pub mod transport;
 pub mod virtio_blk;
+
+#[cfg(test)]
+mod tests;
