@@ -64,6 +64,11 @@ impl Backend {
         Ok(self.guard.id().is_some() && self.guard.try_wait()?.is_none())
     }
 
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill(mut self) -> Option<ExitStatus> {
+        self.guard.kill()
+    }
+
     /// Sends SIGTERM and waits up to `timeout`. Errors if the server had to be killed or
     /// exited unsuccessfully (the log is included).
     pub fn stop(mut self, timeout: Duration) -> Result<ExitStatus> {

@@ -63,9 +63,9 @@ impl Scenario {
 
     /// The standard operations: single 4 KiB writes, a write spanning two granules, one
     /// on the last block, a discard over one written and two untouched granules,
-    /// write-zeroes over written data and over an untouched granule, read-backs and a
-    /// flush. With `cpus > 1` the second half runs on CPU 1, so a second queue is used.
-    /// Needs a disk of at least 320 granules.
+    /// write-zeroes over written data and over an untouched granule, read-backs, and a
+    /// write + flush with the write cache switched on (so the guest really sends FLUSH). With `cpus > 1` the second half runs on CPU 1, so a second queue is used.
+    /// Needs a disk of at least 401 granules.
     pub fn script(&self, cpus: u32) -> GuestScript {
         let g = self.granularity;
         let second = (cpus > 1).then_some(1);
@@ -88,7 +88,10 @@ impl Scenario {
             .write_zeroes(300 * g + 512, 1024)
             .verify(200 * g, 4096, 0x33)
             .verify(200 * g + 4096, 4096, 0)
+            .write_cache(true)
+            .write(400 * g, 4096, 0x44)
             .flush()
+            .write_cache(false)
     }
 
     /// Full run: prepare `dir/disk.qcow2`, start the server with `start(image, socket)`

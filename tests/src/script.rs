@@ -41,8 +41,15 @@ pub enum DiskOp {
         /// Length in bytes (multiple of 512).
         len: u64,
     },
-    /// A cache flush of the device (fsync on the block device).
+    /// A cache flush of the device (fsync on the block device). The guest sends it only
+    /// while the device's write cache is on (see [`DiskOp::WriteCache`]).
     Flush,
+    /// Switches the device's volatile write cache (virtio-blk `wce`, written by the guest
+    /// through sysfs `cache_type`); on = "write back", off = "write through".
+    WriteCache {
+        /// Whether the cache is on.
+        enabled: bool,
+    },
 }
 
 /// A sequence of [`DiskOp`]s on one guest block device, optionally pinned to guest CPUs
@@ -104,9 +111,21 @@ impl GuestScript {
         self.op(DiskOp::WriteZeroes { offset, len })
     }
 
+    /// Appends a write-cache switch.
+    pub fn write_cache(self, enabled: bool) -> Self {
+        self.op(DiskOp::WriteCache { enabled })
+    }
+
     /// Appends a flush.
     pub fn flush(self) -> Self {
         self.op(DiskOp::Flush)
+    }
+
+    /// Appends all operations of `other` (keeping their CPU pinning); useful to model
+    /// several guest runs on the same disk.
+    pub fn then(mut self, other: &GuestScript) -> Self {
+        self.ops.extend(other.ops.iter().copied());
+        self
     }
 
     /// The operations in order.
@@ -132,7 +151,7 @@ impl GuestScript {
                 | DiskOp::Verify { offset, len, .. }
                 | DiskOp::Discard { offset, len }
                 | DiskOp::WriteZeroes { offset, len } => (offset, len),
-                DiskOp::Flush => continue,
+                DiskOp::Flush | DiskOp::WriteCache { .. } => continue,
             };
             if (offset | len) & 511 != 0 || len == 0 {
                 return Err(E2eError::InvalidRequest(format!(
@@ -200,6 +219,18 @@ impl GuestScript {
                          || fail {n} write-zeroes\n"
                     ));
                 }
+                DiskOp::WriteCache { enabled } => {
+                    let mode = if enabled {
+                        "write back"
+                    } else {
+                        "write through"
+                    };
+                    let attr = format!("/sys/block/{}/cache_type", dev.trim_start_matches("/dev/"));
+                    s.push_str(&format!(
+                        "echo '{mode}' > {attr} || fail {n} cache_type\n\
+                         [ \"$(cat {attr})\" = '{mode}' ] || fail {n} \"cache_type is $(cat {attr})\"\n"
+                    ));
+                }
                 DiskOp::Flush => {
                     s.push_str(&format!(
                         "{pin}dd if=/dev/null of={dev} conv=fsync 2>/tmp/dd.err \
@@ -229,7 +260,7 @@ impl GuestScript {
                 DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len } => {
                     (offset, len, 0)
                 }
-                DiskOp::Verify { .. } | DiskOp::Flush => continue,
+                DiskOp::Verify { .. } | DiskOp::Flush | DiskOp::WriteCache { .. } => continue,
             };
             let end = offset
                 .checked_add(l)
@@ -257,7 +288,7 @@ impl GuestScript {
                 DiskOp::Write { offset, len, .. }
                 | DiskOp::Discard { offset, len }
                 | DiskOp::WriteZeroes { offset, len } => Some((offset, len)),
-                DiskOp::Verify { .. } | DiskOp::Flush => None,
+                DiskOp::Verify { .. } | DiskOp::Flush | DiskOp::WriteCache { .. } => None,
             })
             .filter(|&(o, l)| l > 0 && o < size)
             .map(|(o, l)| {
@@ -296,6 +327,7 @@ mod tests {
             .verify(512, 1024, 0)
             .discard(1 << 20, 1 << 16)
             .write_zeroes(1 << 21, 4096)
+            .write_cache(true)
             .render()
             .unwrap();
         assert!(s.contains("seek=1 oflag=direct"));
@@ -303,6 +335,7 @@ mod tests {
         assert!(s.contains("taskset -c 1 dd if=/dev/vda of=/tmp/got bs=512 count=2 skip=1"));
         assert!(s.contains("blkdiscard -o 1048576 -l 65536 /dev/vda"));
         assert!(s.contains("/usr/sbin/blkdiscard -z -o 2097152 -l 4096 /dev/vda"));
+        assert!(s.contains("echo 'write back' > /sys/block/vda/cache_type"));
         assert!(GuestScript::new("/dev/vda")
             .write(100, 4096, 1)
             .render()

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use e2e::tools::qemu_img_create_qcow2;
-use e2e::{qsd_vhost_user_blk, require_tools, Backend, Guest, GuestScript, Scenario};
+use e2e::{
+    qemu_img_check, qsd_vhost_user_blk, require_tools, Backend, Guest, GuestScript, Scenario,
+};
 
 const TOOLS: &[&str] = &["qemu-storage-daemon", "qemu-img", "qemu-io", "qemu-nbd"];
 
@@ -107,4 +109,90 @@ fn image_checks_detect_unexpected_write() {
         .verify_image(&image, &script, dir.path())
         .expect_err("extra data must be detected");
     assert!(err.to_string().contains("differ"), "{err}");
+}
+
+/// Two guests one after the other on the same server: the server accepts the second
+/// connection, the second guest reads the first one's data, and the image afterwards
+/// reflects both runs.
+#[test]
+fn qsd_guest_reconnect_keeps_data() {
+    let Some(tools) = require_tools(TOOLS) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    let socket = dir.path().join("vhost.sock");
+    let scenario = Scenario::default();
+    let g = scenario.granularity;
+    scenario.prepare_image(&image).expect("prepare image");
+    let first = GuestScript::new("/dev/vda")
+        .write(g, 4096, 0x61)
+        .write(50 * g - 4096, 8192, 0x62);
+    let second = GuestScript::new("/dev/vda")
+        .verify(g, 4096, 0x61)
+        .verify(50 * g - 4096, 8192, 0x62)
+        .write(60 * g, 4096, 0x63)
+        .verify(60 * g, 4096, 0x63);
+    let backend = Backend::spawn(
+        qsd_vhost_user_blk(&tools[0], &image, &socket, 1),
+        &socket,
+        Duration::from_secs(20),
+    )
+    .expect("qemu-storage-daemon starts");
+    for script in [&first, &second] {
+        let text = script.render().expect("valid script");
+        let outcome = Guest::run(&socket, 1, &text, scenario.guest_timeout)
+            .unwrap_or_else(|e| panic!("guest could not run: {e}"));
+        if let Err(e) = outcome.check_success() {
+            panic!("{e}\n--- server log ---\n{}", backend.log());
+        }
+    }
+    backend
+        .stop(scenario.stop_timeout)
+        .expect("qemu-storage-daemon exits cleanly on SIGTERM");
+    let both = first.then(&second);
+    let dirty = scenario
+        .verify_image(&image, &both, dir.path())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dirty, vec![(g, g), (49 * g, 2 * g), (60 * g, g)]);
+}
+
+/// Reference behaviour after a crash: a SIGKILLed server leaves the bitmap marked
+/// in-use (inconsistent), while the image itself still checks clean, and data the guest
+/// flushed (with the write cache on, so that it sends flushes at all) survives.
+#[test]
+fn qsd_sigkill_leaves_bitmap_in_use() {
+    let Some(tools) = require_tools(TOOLS) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    let socket = dir.path().join("vhost.sock");
+    let scenario = Scenario::default();
+    scenario.prepare_image(&image).expect("prepare image");
+    let backend = Backend::spawn(
+        qsd_vhost_user_blk(&tools[0], &image, &socket, 1),
+        &socket,
+        Duration::from_secs(20),
+    )
+    .expect("qemu-storage-daemon starts");
+    let text = GuestScript::new("/dev/vda")
+        .write_cache(true)
+        .write(0, 4096, 0x71)
+        .flush()
+        .render()
+        .expect("valid script");
+    let outcome = Guest::run(&socket, 1, &text, scenario.guest_timeout)
+        .unwrap_or_else(|e| panic!("guest could not run: {e}"));
+    outcome.check_success().unwrap_or_else(|e| panic!("{e}"));
+    assert!(backend.kill().is_some(), "server reaped");
+    let bitmaps = e2e::tools::qemu_img_bitmaps(&image).expect("qemu-img info");
+    assert_eq!(bitmaps.len(), 1);
+    assert!(
+        bitmaps[0].2.iter().any(|f| f == "in-use"),
+        "flags after SIGKILL: {:?}",
+        bitmaps[0].2
+    );
+    qemu_img_check(&image).expect("qemu-img check is still clean");
+    e2e::tools::qemu_io(&image, "qcow2", true, &["read -P 0x71 0 4k"]).expect("data flushed");
 }
