@@ -89,6 +89,10 @@ for pkg in "${QEMU_PKGS[@]}" "${LIBS[@]}"; do
     [[ -f "${deb[0]}" ]] || die "downloaded package for $pkg not found"
     dpkg-deb -x "${deb[0]}" "$QROOT"
 done
+# Keep only what the guest runs need (the unpacked 7.2 qemu-storage-daemon must not be
+# mistaken for the installed 10.x one).
+rm -rf "$QROOT/usr/share/doc" "$QROOT/usr/share/man" "$QROOT/usr/bin/qemu-storage-daemon" \
+       "$QROOT/usr/bin/qemu-pr-helper" "$QROOT/usr/bin/qemu-system-x86_64-microvm"
 QEMU_SYSTEM="$QROOT/usr/bin/qemu-system-x86_64"
 QEMU_LD_LIBRARY_PATH="$QROOT/usr/lib/x86_64-linux-gnu:$QROOT/lib/x86_64-linux-gnu"
 QEMU_DATADIRS="-L $QROOT/usr/share/qemu -L $QROOT/usr/share/seabios"
