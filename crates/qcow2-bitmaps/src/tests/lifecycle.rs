@@ -536,3 +536,24 @@ fn marking_is_concurrent_with_add_and_remove() {
     }
     assert_eq!(set.bitmap("keep").unwrap().count(), 1024);
 }
+
+#[test]
+fn v2_image_bitmaps_are_dropped_without_touching_autoclear() {
+    let (img, _, _) = stored_image();
+    let mut st = img.reopen_state(false);
+    st.version = 2;
+    st.autoclear = 0; // v2 has no autoclear field
+    let v2 = MemImage::from_state(st);
+    let set = Bitmaps::open(&v2, "old").unwrap();
+    assert!(set.list().is_empty());
+    assert!(v2.header_extension(EXT_BITMAPS).is_none());
+    assert_eq!(
+        v2.state().log,
+        vec![Op::Header {
+            autoclear: 0,
+            bitmaps_ext: None
+        }],
+        "one header rewrite that only drops the extension"
+    );
+    assert!(crate::WARN_LOST_V2.starts_with("This qcow2 v2 image contains bitmaps"));
+}
