@@ -1,14 +1,26 @@
 //! QEMU-compatible persistent dirty bitmaps in qcow2 images.
 //!
-//! [`Bitmaps`] holds every bitmap of one image in memory. It is loaded with
-//! [`Bitmaps::open`] (read-write: loaded bitmaps are flagged IN_USE on disk, QEMU's
-//! in-place order), marked from the request path with the lock-free [`Bitmaps::mark`],
-//! changed with [`Bitmaps::add`], [`Bitmaps::remove`], [`Bitmaps::clear`],
-//! [`Bitmaps::enable`], [`Bitmaps::disable`], [`Bitmaps::merge`], and written back with
-//! [`Bitmaps::store`] (new clusters, header switch, then old clusters freed).
+//! [`Bitmaps`] holds every bitmap of one image in memory and is shared (`Arc`) by the
+//! daemon's threads. Every call that touches the file takes the image as
+//! `&dyn qcow2::ImageMetadata` (for `Qcow2Image`, open it with
+//! `known_autoclear: qcow2::AUTOCLEAR_BITMAPS`, or the engine clears the bitmaps bit).
 //!
-//! The crate works on any [`qcow2::ImageMetadata`]; [`testing::MemImage`] is an
-//! in-memory one with fault injection.
+//! * Open: [`Bitmaps::open`] (read-write ⇒ [`Bitmaps::load_and_mark_in_use`]: loads and
+//!   flags every loaded bitmap IN_USE in place, QEMU's order; read-only ⇒
+//!   [`Bitmaps::load_read_only`], never writes). Bitmaps found IN_USE load as
+//!   *inconsistent*: listed, never tracked or stored, only removable.
+//! * Request path: [`Bitmaps::mark`]`(offset, len)` — lock-free.
+//! * Close / frontend gone: [`Bitmaps::store`] (quiesce writes first). To serve writes
+//!   again afterwards call [`Bitmaps::mark_in_use_again`]. An exit path that does not
+//!   store leaves the bitmaps IN_USE (inconsistent on the next open), as QEMU does.
+//! * Operations: [`Bitmaps::add`] ([`AddOptions`]), [`Bitmaps::remove`],
+//!   [`Bitmaps::clear`], [`Bitmaps::enable`], [`Bitmaps::disable`], [`Bitmaps::merge`]
+//!   ([`MergeSource`], also from another image's set), [`Bitmaps::list`]
+//!   ([`BitmapInfo`]), [`Bitmaps::dump`] (extents), [`Bitmaps::bitmap`] (the bits, for
+//!   exports), [`Bitmaps::check_resize`].
+//! * Errors: [`Error`], whose texts are QEMU's where QEMU has one.
+//!
+//! [`testing::MemImage`] is an in-memory `ImageMetadata` with fault injection.
 
 pub mod error;
 pub mod format;

@@ -557,3 +557,56 @@ fn v2_image_bitmaps_are_dropped_without_touching_autoclear() {
     );
     assert!(crate::WARN_LOST_V2.starts_with("This qcow2 v2 image contains bitmaps"));
 }
+
+#[test]
+fn lost_autoclear_warns_with_qemu_text() {
+    super::logs();
+    let (img, _, _) = stored_image();
+    img.state().autoclear = 0;
+    let ro = reopen(&img, true);
+    Bitmaps::open(&ro, "disk0").unwrap();
+    let l = super::logs();
+    let warned = |t: &str| l.iter().any(|(lvl, m)| *lvl == log::Level::Warn && m == t);
+    assert!(warned(
+        "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+    ));
+    assert!(warned(
+        "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+    ));
+}
+
+#[test]
+fn store_while_marking_then_final_store_saves_everything() {
+    let img = Arc::new(MemImage::new(4096, DISK));
+    let set = Arc::new(Bitmaps::open(&*img, "d").unwrap());
+    set.add(&*img, "a", opts(4096)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (set, stop) = (set.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while i < 100_000 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                set.mark((i * 7919 * 4096) % DISK, 4096);
+                i += 1;
+            }
+        })
+    };
+    for _ in 0..10 {
+        set.store(&*img).unwrap();
+        set.mark_in_use_again(&*img).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    worker.join().unwrap();
+    set.store(&*img).unwrap();
+    let want = bits(&set.bitmap("a").unwrap());
+    assert!(want.iter().any(|&b| b != 0));
+    let ro = reopen(&img, true);
+    let got = Bitmaps::open(&ro, "d").unwrap();
+    assert_eq!(bits(&got.bitmap("a").unwrap()), want);
+    // header + table + dirty data clusters + directory: nothing leaked over 11 stores
+    let data = want
+        .chunks(4096)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .count();
+    assert_eq!(img.allocated_clusters(), 1 + 1 + data + 1);
+}

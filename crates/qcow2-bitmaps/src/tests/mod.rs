@@ -86,3 +86,28 @@ pub(crate) fn disk_dir(img: &MemImage) -> Vec<DirEntry> {
     crate::format::parse_directory(&d, ext.nb_bitmaps, img.cluster_size(), img.virtual_size())
         .unwrap()
 }
+
+/// Log lines captured by the test logger.
+static LOGS: std::sync::Mutex<Vec<(log::Level, String)>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        LOGS.lock().unwrap().push((r.level(), r.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
+/// Installs the capturing logger (once) and returns a copy of what was logged so far.
+pub(crate) fn logs() -> Vec<(log::Level, String)> {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let _ = log::set_logger(&Capture);
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+    LOGS.lock().unwrap().clone()
+}
