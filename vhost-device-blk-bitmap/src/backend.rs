@@ -238,26 +238,21 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // Only the writeback byte is writable, and only with CONFIG_WCE.
-        if offset as usize != CONFIG_WCE_OFFSET || buf.len() != 1 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "only the wce byte (offset {CONFIG_WCE_OFFSET}, 1 byte) is writable, got offset {offset} len {}",
-                    buf.len()
-                ),
-            ));
+        // Only the writeback byte is writable. Any error here would make the vhost crate
+        // drop the whole connection, so writes to other fields are ignored (with a warning).
+        let start = offset as usize;
+        let end = start.saturating_add(buf.len());
+        if start != CONFIG_WCE_OFFSET || buf.len() != 1 {
+            warn!("ignoring write to read-only config space bytes {start}..{end}");
         }
-        if !virtio_blk::has_config_wce(self.acked_features()) && self.acked_features() != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "CONFIG_WCE was not negotiated",
-            ));
+        if !(start..end).contains(&CONFIG_WCE_OFFSET) {
+            return Ok(());
         }
-        self.device.set_wce(buf[0]);
+        let wce = buf[CONFIG_WCE_OFFSET - start];
+        self.device.set_wce(wce);
         info!(
             "guest set write cache to {}",
-            if buf[0] != 0 {
+            if wce != 0 {
                 "writeback"
             } else {
                 "writethrough"

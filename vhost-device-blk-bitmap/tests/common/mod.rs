@@ -1,0 +1,410 @@
+//! A minimal in-process vhost-user-blk frontend ("driver") and daemon fixture.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use qcow2::BlockImage;
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_device_blk_bitmap::device::BlkDevice;
+use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, ImageFormat};
+use vhost_device_blk_bitmap::server::{Server, ServerConfig, ServerError, StopHandle};
+use vhost_device_blk_bitmap::tracker::NoopTracker;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest RAM of the test driver.
+pub const MEM_SIZE: usize = 16 << 20;
+/// Disk size of the test image.
+pub const DISK_SIZE: u64 = 8 << 20;
+/// Queue size used by the driver.
+pub const QSIZE: u16 = 256;
+
+/// Byte `i` of the initial image.
+pub fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(13) ^ (i >> 10)) as u8
+}
+
+/// A memfd of `len` bytes.
+pub fn memfd(name: &str, len: u64) -> File {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: cname is a valid NUL-terminated string; flags are valid.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh descriptor we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+/// A daemon served by the library's `Server` in a thread.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub stop: StopHandle,
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestDaemon {
+    pub fn start(num_queues: usize) -> Self {
+        Self::start_with(num_queues, |i| i)
+    }
+
+    /// Like `start`, with the image wrapped by `wrap` (e.g. to inject delays).
+    pub fn start_with(
+        num_queues: usize,
+        wrap: impl FnOnce(Arc<dyn BlockImage>) -> Arc<dyn BlockImage>,
+    ) -> Self {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        let data: Vec<u8> = (0..DISK_SIZE).map(pattern).collect();
+        std::fs::write(&image, data).unwrap();
+        let socket = dir.path().join("vhost.sock");
+        let disk = open_disk(&DiskOptions {
+            path: image.clone(),
+            format: Some(ImageFormat::Raw),
+            read_only: false,
+            direct: false,
+            create_size: None,
+        })
+        .unwrap();
+        let device = Arc::new(BlkDevice::new(
+            wrap(disk.image.clone()),
+            Arc::new(NoopTracker),
+            512,
+            b"test-serial",
+            true,
+        ));
+        let stop = StopHandle::new().unwrap();
+        let server = Server::new(
+            ServerConfig {
+                socket_path: socket.clone(),
+                num_queues,
+                queue_size: 1024,
+            },
+            device,
+            stop.clone(),
+        );
+        let thread = thread::spawn(move || {
+            let r = server.run();
+            drop(disk);
+            r
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "daemon socket never appeared");
+            thread::sleep(Duration::from_millis(10));
+        }
+        TestDaemon {
+            dir,
+            socket,
+            image,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the daemon and returns its result.
+    pub fn stop(mut self) -> Result<(), ServerError> {
+        self.stop.stop();
+        self.thread.take().unwrap().join().unwrap()
+    }
+
+    pub fn image_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut v = vec![0u8; len];
+        File::open(&self.image)
+            .unwrap()
+            .read_exact_at(&mut v, offset)
+            .unwrap();
+        v
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.stop();
+            let _ = t.join();
+        }
+    }
+}
+
+/// One queue of the driver; can be moved to its own thread.
+pub struct QueueDriver {
+    pub q: usize,
+    mem: GuestMemoryMmap<()>,
+    base: u64,
+    next_avail: u16,
+    last_used: u16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+/// The guest side: memory, rings, and a vhost-user frontend connection.
+pub struct Driver {
+    pub fe: Frontend,
+    pub mem: GuestMemoryMmap<()>,
+    pub host_base: u64,
+    pub features: u64,
+    pub protocol: VhostUserProtocolFeatures,
+    pub queues: Vec<QueueDriver>,
+    mem_file: File,
+}
+
+/// Guest address of queue `q`'s ring area.
+pub fn ring_base(q: usize) -> u64 {
+    q as u64 * 0x4000
+}
+/// Guest address of queue `q`'s request header.
+pub fn header_addr(q: usize) -> u64 {
+    0x10_0000 + q as u64 * 0x2000
+}
+/// Guest address of queue `q`'s status byte (own page).
+pub fn status_addr(q: usize) -> u64 {
+    header_addr(q) + 0x1000
+}
+/// Guest address of queue `q`'s data area (1 MiB).
+pub fn data_addr(q: usize) -> u64 {
+    0x20_0000 + q as u64 * 0x10_0000
+}
+
+impl Driver {
+    /// Connects and negotiates everything offered except LOG_ALL.
+    pub fn connect(socket: &Path, num_queues: usize) -> Self {
+        let fe = Frontend::connect(socket, num_queues as u64).unwrap();
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let mut fe = fe;
+        let protocol = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(protocol).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let features = offered & !VhostUserVirtioFeatures::LOG_ALL.bits();
+        fe.set_features(features).unwrap();
+        let mem_file = memfd("guest-ram", MEM_SIZE as u64);
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(mem_file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let host_base = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+            .unwrap();
+        let mut d = Driver {
+            fe,
+            mem,
+            host_base,
+            features,
+            protocol,
+            queues: Vec::new(),
+            mem_file,
+        };
+        for q in 0..num_queues {
+            d.setup_queue(q);
+        }
+        d
+    }
+
+    fn setup_queue(&mut self, q: usize) {
+        let base = ring_base(q);
+        self.fe.set_vring_num(q, QSIZE).unwrap();
+        self.fe
+            .set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QSIZE,
+                    queue_size: QSIZE,
+                    flags: 0,
+                    desc_table_addr: self.host_base + base,
+                    avail_ring_addr: self.host_base + base + 0x1000,
+                    used_ring_addr: self.host_base + base + 0x2000,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        self.fe.set_vring_base(q, 0).unwrap();
+        let kick = EventFd::new(0).unwrap();
+        let call = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        self.fe.set_vring_call(q, &call).unwrap();
+        self.fe.set_vring_kick(q, &kick).unwrap();
+        self.fe.set_vring_enable(q, true).unwrap();
+        self.queues.push(QueueDriver {
+            q,
+            mem: self.mem.clone(),
+            base,
+            next_avail: 0,
+            last_used: 0,
+            kick,
+            call,
+        });
+    }
+
+    /// Sends a request on queue `q` and waits for it; returns (status, used length).
+    pub fn request(
+        &mut self,
+        q: usize,
+        request_type: u32,
+        sector: u64,
+        data: Option<(u32, bool)>,
+    ) -> (u8, u32) {
+        self.queues[q].request(request_type, sector, data)
+    }
+
+    /// Writes queue `q`'s data area.
+    pub fn write_data(&self, q: usize, data: &[u8]) {
+        self.queues[q].write_data(data)
+    }
+
+    /// Reads queue `q`'s data area.
+    pub fn read_data(&self, q: usize, len: usize) -> Vec<u8> {
+        self.queues[q].read_data(len)
+    }
+}
+
+impl QueueDriver {
+    /// Places a chain of (guest address, length, device-writable) buffers on the queue
+    /// (descriptors 0..n) and kicks; does not wait.
+    pub fn submit(&mut self, bufs: &[(u64, u32, bool)]) {
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let mut flags = 0u16;
+            if i + 1 < bufs.len() {
+                flags |= 1; // NEXT
+            }
+            if write {
+                flags |= 2; // WRITE
+            }
+            let d = self.base + 16 * i as u64;
+            self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
+            self.mem
+                .write_obj(len.to_le(), GuestAddress(d + 8))
+                .unwrap();
+            self.mem
+                .write_obj(flags.to_le(), GuestAddress(d + 12))
+                .unwrap();
+            self.mem
+                .write_obj(((i + 1) as u16).to_le(), GuestAddress(d + 14))
+                .unwrap();
+        }
+        let avail = self.base + 0x1000;
+        let slot = u64::from(self.next_avail % QSIZE);
+        self.mem
+            .write_obj(0u16, GuestAddress(avail + 4 + 2 * slot))
+            .unwrap();
+        self.next_avail = self.next_avail.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(self.next_avail.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+    }
+
+    /// Whether the oldest submitted request has completed.
+    pub fn is_complete(&self) -> bool {
+        let idx: u16 = self.mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap();
+        idx != self.last_used
+    }
+
+    /// Waits for the oldest submitted request; returns its used length.
+    pub fn wait(&mut self) -> u32 {
+        let used = self.base + 0x2000;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.is_complete() {
+            assert!(
+                Instant::now() < deadline,
+                "request on queue {} never completed",
+                self.q
+            );
+            thread::sleep(Duration::from_micros(200));
+        }
+        fence(Ordering::SeqCst);
+        let slot = u64::from(self.last_used % QSIZE);
+        let id: u32 = self
+            .mem
+            .read_obj(GuestAddress(used + 4 + 8 * slot))
+            .unwrap();
+        let len: u32 = self
+            .mem
+            .read_obj(GuestAddress(used + 8 + 8 * slot))
+            .unwrap();
+        assert_eq!(id, 0, "head index");
+        self.last_used = self.last_used.wrapping_add(1);
+        let _ = self.call.read();
+        len
+    }
+
+    /// Writes the header of a request and returns its chain (header, data area, status).
+    pub fn prepare(
+        &self,
+        request_type: u32,
+        sector: u64,
+        data: Option<(u32, bool)>,
+    ) -> Vec<(u64, u32, bool)> {
+        let q = self.q;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&request_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem
+            .write_slice(&h, GuestAddress(header_addr(q)))
+            .unwrap();
+        self.mem
+            .write_obj(0xffu8, GuestAddress(status_addr(q)))
+            .unwrap();
+        let mut bufs = vec![(header_addr(q), 16, false)];
+        if let Some((len, write)) = data {
+            bufs.push((data_addr(q), len, write));
+        }
+        bufs.push((status_addr(q), 1, true));
+        bufs
+    }
+
+    /// The status byte of the last request.
+    pub fn status(&self) -> u8 {
+        self.mem
+            .read_obj(GuestAddress(status_addr(self.q)))
+            .unwrap()
+    }
+
+    /// Sends a request with a data buffer in the queue's data area and waits for it;
+    /// returns (status, used length).
+    pub fn request(
+        &mut self,
+        request_type: u32,
+        sector: u64,
+        data: Option<(u32, bool)>,
+    ) -> (u8, u32) {
+        let bufs = self.prepare(request_type, sector, data);
+        self.submit(&bufs);
+        let used = self.wait();
+        (self.status(), used)
+    }
+
+    /// Writes the data area.
+    pub fn write_data(&self, data: &[u8]) {
+        self.mem
+            .write_slice(data, GuestAddress(data_addr(self.q)))
+            .unwrap();
+    }
+
+    /// Reads the data area.
+    pub fn read_data(&self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(data_addr(self.q)))
+            .unwrap();
+        v
+    }
+}
