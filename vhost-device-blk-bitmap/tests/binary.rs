@@ -1,0 +1,186 @@
+//! Tests of the real binary: start-up, locking, argument errors, clean exit on signals.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pattern, Driver, DISK_SIZE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-blk-bitmap");
+
+fn raw_image(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.raw");
+    let data: Vec<u8> = (0..DISK_SIZE).map(pattern).collect();
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn spawn(socket: &Path, image: &Path, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("--socket-path")
+        .arg(socket)
+        .arg("--image")
+        .arg(image)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_socket(child: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("daemon exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("daemon did not exit within {secs}s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill only sends a signal to the child we spawned.
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(r, 0);
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    s
+}
+
+#[test]
+fn sigterm_while_listening_exits_zero_and_removes_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path());
+    let socket = dir.path().join("s.sock");
+    let mut child = spawn(&socket, &image, &[]);
+    wait_for_socket(&mut child, &socket);
+    signal(&child, libc::SIGTERM);
+    let st = wait_exit(&mut child, 10);
+    assert_eq!(st.code(), Some(0), "{}", stderr_of(&mut child));
+    assert!(!socket.exists());
+}
+
+#[test]
+fn sigint_while_connected_exits_zero_after_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path());
+    let socket = dir.path().join("s.sock");
+    let mut child = spawn(
+        &socket,
+        &image,
+        &["--num-queues", "2", "--serial", "bin-test"],
+    );
+    wait_for_socket(&mut child, &socket);
+    let mut d = Driver::connect(&socket, 2);
+    d.write_data(1, &[0x5a; 4096]);
+    assert_eq!(d.request(1, 1, 16, Some((4096, false))), (0, 1));
+    assert_eq!(d.request(0, 8, 0, Some((20, true))), (0, 21));
+    assert_eq!(&d.read_data(0, 9), b"bin-test\0");
+    signal(&child, libc::SIGINT);
+    let st = wait_exit(&mut child, 10);
+    let err = stderr_of(&mut child);
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(err.contains("frontend negotiated features"), "{err}");
+    assert!(err.contains("received SIGINT"), "{err}");
+    let disk = std::fs::read(&image).unwrap();
+    assert_eq!(&disk[16 * 512..16 * 512 + 4096], &[0x5a; 4096][..]);
+    assert!(!socket.exists());
+}
+
+#[test]
+fn second_daemon_on_the_same_image_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path());
+    let socket = dir.path().join("a.sock");
+    let mut first = spawn(&socket, &image, &[]);
+    wait_for_socket(&mut first, &socket);
+    // A read-only second daemon refuses to share write, which the first one holds.
+    let mut second = spawn(&dir.path().join("b.sock"), &image, &["--readonly"]);
+    let st = wait_exit(&mut second, 10);
+    let err = stderr_of(&mut second);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "Is another process using the image [{}]?",
+            image.display()
+        )),
+        "{err}"
+    );
+    signal(&first, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut first, 10).code(), Some(0));
+}
+
+#[test]
+fn bad_arguments_fail_with_one_line() {
+    let out = Command::new(BIN)
+        .args([
+            "-s",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x",
+            "--logical-block-size",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--logical-block-size 1000 must be 512 or 4096"),
+        "{err}"
+    );
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--socket-path",
+        "--image",
+        "--format",
+        "--readonly",
+        "--num-queues",
+        "--queue-size",
+        "--logical-block-size",
+        "--serial",
+        "--direct",
+        "--bitmap",
+        "--create-size",
+        "--writethrough",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from --help");
+    }
+}
+
+#[test]
+fn create_size_makes_a_raw_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("new.raw");
+    let socket = dir.path().join("s.sock");
+    let mut child = spawn(&socket, &image, &["--format", "raw", "--create-size", "3M"]);
+    wait_for_socket(&mut child, &socket);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 3 << 20);
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child, 10).code(), Some(0));
+}
