@@ -46,6 +46,9 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         read_only: config.read_only,
         direct: config.direct,
         create_size: config.create_size,
+        // Integration point: `qcow2::AUTOCLEAR_BITMAPS` once a tracker keeps the
+        // persistent bitmaps up to date; until then a writable open invalidates them.
+        known_autoclear: 0,
     })?;
     if !config.bitmaps.is_empty() {
         log::warn!("--bitmap is accepted but not wired to persistent bitmaps yet");

@@ -184,3 +184,74 @@ fn create_size_makes_a_raw_image() {
     signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child, 10).code(), Some(0));
 }
+
+fn have_qemu_tools() -> bool {
+    let ok = ["qemu-img", "qemu-io"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "qemu-img and qemu-io are required when CI=true"
+        );
+        eprintln!("note: qemu-img/qemu-io not installed, skipping");
+    }
+    ok
+}
+
+#[test]
+fn serves_a_qcow2_image_that_qemu_reads_back() {
+    if !have_qemu_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("8M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let socket = dir.path().join("s.sock");
+    let mut child = spawn(&socket, &image, &[]);
+    wait_for_socket(&mut child, &socket);
+    // While we serve, QEMU's tools are locked out.
+    let out = Command::new("qemu-img")
+        .arg("info")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let mut d = Driver::connect(&socket, 1);
+    d.write_data(0, &[0x5a; 65536]);
+    assert_eq!(d.request(0, 1, 2048, Some((65536, false))), (0, 1));
+    assert_eq!(d.request(0, 4, 0, None), (0, 1));
+    d.write_data(0, &[0; 4096]);
+    assert_eq!(d.request(0, 0, 2048 + 8, Some((4096, true))), (0, 4097));
+    assert_eq!(d.read_data(0, 4096), vec![0x5a; 4096]);
+    drop(d);
+    signal(&child, libc::SIGTERM);
+    let st = wait_exit(&mut child, 10);
+    assert_eq!(st.code(), Some(0), "{}", stderr_of(&mut child));
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new("qemu-io")
+        .args(["-r", "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 0 1M"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "{text}"
+    );
+}

@@ -77,6 +77,7 @@ impl TestDaemon {
             read_only: false,
             direct: false,
             create_size: None,
+            known_autoclear: 0,
         })
         .unwrap();
         let device = Arc::new(BlkDevice::new(
