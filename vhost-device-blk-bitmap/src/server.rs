@@ -303,3 +303,57 @@ impl Server {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::NoopTracker;
+    use qcow2::{MemStorage, RawImage};
+
+    fn device() -> Arc<BlkDevice> {
+        let storage = Arc::new(MemStorage::new());
+        qcow2::Storage::set_len(&*storage, 1 << 20).unwrap();
+        let image = Arc::new(RawImage::new(storage, false).unwrap());
+        Arc::new(BlkDevice::new(image, Arc::new(NoopTracker), 512, b"", true))
+    }
+
+    #[test]
+    fn listen_failure_names_the_socket() {
+        let stop = StopHandle::new().unwrap();
+        let server = Server::new(
+            ServerConfig {
+                socket_path: "/nonexistent-dir/x.sock".into(),
+                num_queues: 1,
+                queue_size: 256,
+            },
+            device(),
+            stop,
+        );
+        let e = server.run().unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot listen on '/nonexistent-dir/x.sock'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn stop_before_run_returns_at_once_and_removes_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let stop = StopHandle::new().unwrap();
+        stop.stop();
+        stop.stop();
+        assert!(stop.is_stopping());
+        let server = Server::new(
+            ServerConfig {
+                socket_path: path.clone(),
+                num_queues: 1,
+                queue_size: 256,
+            },
+            device(),
+            stop,
+        );
+        server.run().unwrap();
+        assert!(!path.exists());
+    }
+}
