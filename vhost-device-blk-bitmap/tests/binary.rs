@@ -255,3 +255,37 @@ fn serves_a_qcow2_image_that_qemu_reads_back() {
         "{text}"
     );
 }
+
+fn count_entries(dir: String) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+#[test]
+fn reconnects_leak_neither_fds_nor_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path());
+    let socket = dir.path().join("s.sock");
+    let mut child = spawn(&socket, &image, &["--num-queues", "2"]);
+    wait_for_socket(&mut child, &socket);
+    let pid = child.id();
+    let mut counts = Vec::new();
+    for round in 0..8u8 {
+        let mut d = Driver::connect(&socket, 2);
+        d.write_data(1, &[round; 512]);
+        assert_eq!(d.request(1, 1, 0, Some((512, false))), (0, 1));
+        drop(d);
+        // Wait until the daemon has torn the connection down (back to listening).
+        std::thread::sleep(Duration::from_millis(150));
+        counts.push((
+            count_entries(format!("/proc/{pid}/fd")),
+            count_entries(format!("/proc/{pid}/task")),
+        ));
+    }
+    assert!(
+        counts[2..].iter().all(|c| *c == counts[1]),
+        "fd/thread counts drift across reconnects: {counts:?}"
+    );
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child, 10).code(), Some(0));
+    assert_eq!(std::fs::read(&image).unwrap()[..512], [7u8; 512]);
+}
