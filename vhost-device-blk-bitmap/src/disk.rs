@@ -93,6 +93,9 @@ pub enum DiskError {
 pub struct OpenedDisk {
     /// The data path.
     pub image: Arc<dyn BlockImage>,
+    /// The same image as its concrete qcow2 type (for the bitmap metadata API), when the
+    /// format is qcow2.
+    pub qcow2: Option<Arc<qcow2::Qcow2Image>>,
     /// The format actually opened.
     pub format: ImageFormat,
     /// QEMU-compatible locks (dropped = released).
@@ -156,7 +159,9 @@ fn create_image(path: &Path, format: ImageFormat, size: u64) -> Result<(), DiskE
 }
 
 /// Opens the engine for an already locked image.
-fn open_engine(opts: &DiskOptions, format: ImageFormat) -> Result<Arc<dyn BlockImage>, DiskError> {
+type Engine = (Arc<dyn BlockImage>, Option<Arc<qcow2::Qcow2Image>>);
+
+fn open_engine(opts: &DiskOptions, format: ImageFormat) -> Result<Engine, DiskError> {
     let (path, read_only, direct) = (opts.path.as_path(), opts.read_only, opts.direct);
     match format {
         ImageFormat::Raw => {
@@ -172,7 +177,7 @@ fn open_engine(opts: &DiskOptions, format: ImageFormat) -> Result<Arc<dyn BlockI
                     source,
                 }
             })?;
-            Ok(Arc::new(image))
+            Ok((Arc::new(image), None))
         }
         // The engine takes no OFD locks of its own: `ImageLock` already holds QEMU's.
         ImageFormat::Qcow2 => {
@@ -188,7 +193,8 @@ fn open_engine(opts: &DiskOptions, format: ImageFormat) -> Result<Arc<dyn BlockI
                 path: path.to_owned(),
                 source,
             })?;
-            Ok(Arc::new(image))
+            let image = Arc::new(image);
+            Ok((image.clone(), Some(image)))
         }
     }
 }
@@ -223,7 +229,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<OpenedDisk, DiskError> {
         path,
         &LockSpec::for_image(format == ImageFormat::Qcow2, !opts.read_only),
     )?;
-    let image = open_engine(opts, format)?;
+    let (image, qcow2) = open_engine(opts, format)?;
     if let Some(wanted) = opts.create_size {
         if image.size() != wanted {
             return Err(DiskError::SizeMismatch {
@@ -235,6 +241,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<OpenedDisk, DiskError> {
     }
     Ok(OpenedDisk {
         image,
+        qcow2,
         format,
         lock,
     })
@@ -275,6 +282,7 @@ mod tests {
         o.create_size = Some(1 << 20);
         let d = open_disk(&o).unwrap();
         assert_eq!(d.format, ImageFormat::Raw);
+        assert!(d.qcow2.is_none());
         assert_eq!(d.image.size(), 1 << 20);
         assert!(!d.image.is_read_only());
         // A read-only opener refuses to share write: refused while we serve.
@@ -315,6 +323,7 @@ mod tests {
         // Missing image + --create-size without --format: qcow2.
         let d = open_disk(&o).unwrap();
         assert_eq!(d.format, ImageFormat::Qcow2);
+        assert!(d.qcow2.is_some());
         assert_eq!(d.image.size(), 8 << 20);
         d.image.write_at(&[0xab; 4096], 1 << 20).unwrap();
         d.image.flush().unwrap();

@@ -8,7 +8,7 @@ use log::error;
 use vhost_device_blk_bitmap::args::Cli;
 use vhost_device_blk_bitmap::config::Config;
 use vhost_device_blk_bitmap::device::BlkDevice;
-use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions};
+use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, ImageFormat, OpenedDisk};
 use vhost_device_blk_bitmap::server::{
     handle_termination_signals, Server, ServerConfig, StopHandle,
 };
@@ -50,12 +50,7 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         // persistent bitmaps up to date; until then a writable open invalidates them.
         known_autoclear: 0,
     })?;
-    if !config.bitmaps.is_empty() {
-        log::warn!("--bitmap is accepted but not wired to persistent bitmaps yet");
-    }
-    // Integration point: build the persistent-bitmap tracker from `disk` and
-    // `config.bitmaps` here.
-    let tracker: Arc<dyn WriteTracker> = Arc::new(NoopTracker);
+    let tracker = make_tracker(&config, &disk)?;
     log::info!("serving {} image '{}'", disk.format, config.image.display());
     let device = Arc::new(BlkDevice::new(
         disk.image.clone(),
@@ -77,4 +72,27 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracker.on_shutdown()?;
     drop(disk);
     Ok(())
+}
+
+/// Builds the write tracker for the opened disk.
+///
+/// Integration point: build the persistent-bitmap tracker here from `disk.qcow2` (the
+/// concrete `qcow2::Qcow2Image`, an `ImageMetadata`) and `config.bitmaps`, and open qcow2
+/// images with `known_autoclear: qcow2::AUTOCLEAR_BITMAPS` above.
+fn make_tracker(
+    config: &Config,
+    disk: &OpenedDisk,
+) -> Result<Arc<dyn WriteTracker>, Box<dyn std::error::Error>> {
+    if !config.bitmaps.is_empty() {
+        if disk.format != ImageFormat::Qcow2 {
+            return Err(format!(
+                "--bitmap needs a qcow2 image, '{}' is {}",
+                config.image.display(),
+                disk.format
+            )
+            .into());
+        }
+        log::warn!("--bitmap is accepted but not wired to persistent bitmaps yet");
+    }
+    Ok(Arc::new(NoopTracker))
 }
