@@ -157,6 +157,10 @@ impl BlkBackend {
         // Holding the vring lock for the whole batch makes GET_VRING_BASE (which takes
         // it to stop the ring) wait until the requests we started have completed.
         let mut state = vring.get_mut();
+        // Rings are processed only while started (ready) and enabled.
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(());
+        }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mem = self.mem.memory();
         loop {

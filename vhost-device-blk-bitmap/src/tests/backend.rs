@@ -147,6 +147,19 @@ fn handle_event_completes_requests_on_the_used_ring() {
             .iter()
             .enumerate()
             .all(|(i, &x)| x == pattern(512 + i as u64)));
+        // A disabled ring is left alone.
+        let descs2 = [with_next(rd(HDR + 16, 16), 6), wr(STATUS + 1, 1)];
+        vq.add_desc_chains(&descs2, 5).unwrap();
+        vring.set_enabled(false);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert_eq!(vq.used().idx().load(), 2, "disabled ring not processed");
+        vring.set_enabled(true);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert_eq!(vq.used().idx().load(), 3, "processed once enabled");
+        let e2 = vq.used().ring().ref_at(2).unwrap().load();
+        assert_eq!((e2.id(), e2.len()), (5, 1));
         // Unexpected events are ignored, not fatal.
         b.handle_event(0, EventSet::OUT, std::slice::from_ref(&vring), 0)
             .unwrap();
