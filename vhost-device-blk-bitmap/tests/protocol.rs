@@ -299,3 +299,48 @@ fn migration_log_marks_exactly_the_written_pages() {
     drop(d);
     daemon.stop().unwrap();
 }
+
+#[test]
+fn memory_added_with_add_mem_reg_is_usable() {
+    use vhost::VhostUserMemoryRegionInfo;
+    use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    let daemon = TestDaemon::start(1);
+    let mut d = Driver::connect(&daemon.socket, 1);
+    assert!(d.fe.get_max_mem_slots().unwrap() >= 2);
+    let gpa = 0x4000_0000u64;
+    let file = memfd("hotplug", 1 << 20);
+    let extra = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(gpa),
+        1 << 20,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    let region = extra.find_region(GuestAddress(gpa)).unwrap();
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+    d.fe.add_mem_region(&info).unwrap();
+    // Read 8 KiB from sector 16 into the new region.
+    let mut bufs = d.queues[0].prepare(T_IN, 16, None);
+    bufs.insert(1, (gpa + 0x1000, 8192, true));
+    d.queues[0].submit(&bufs);
+    assert_eq!(d.queues[0].wait(), 8193);
+    assert_eq!(d.queues[0].status(), 0);
+    let mut got = vec![0u8; 8192];
+    extra
+        .read_slice(&mut got, GuestAddress(gpa + 0x1000))
+        .unwrap();
+    let want: Vec<u8> = (16 * 512..16 * 512 + 8192).map(pattern).collect();
+    assert_eq!(got, want);
+    // After removing it, a request pointing there is rejected, not served.
+    d.fe.remove_mem_region(&info).unwrap();
+    extra
+        .write_slice(&[0xee; 8192], GuestAddress(gpa + 0x1000))
+        .unwrap();
+    d.queues[0].submit(&bufs);
+    assert_eq!(d.queues[0].wait(), 0);
+    extra
+        .read_slice(&mut got, GuestAddress(gpa + 0x1000))
+        .unwrap();
+    assert_eq!(got, vec![0xee; 8192]);
+    drop(d);
+    daemon.stop().unwrap();
+}
