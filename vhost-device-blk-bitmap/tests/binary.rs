@@ -289,3 +289,37 @@ fn reconnects_leak_neither_fds_nor_threads() {
     assert_eq!(wait_exit(&mut child, 10).code(), Some(0));
     assert_eq!(std::fs::read(&image).unwrap()[..512], [7u8; 512]);
 }
+
+#[test]
+fn direct_io_on_a_raw_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path());
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let probe = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&image);
+        if probe.is_err() {
+            eprintln!("note: the temp file system has no O_DIRECT, skipping");
+            return;
+        }
+    }
+    let socket = dir.path().join("s.sock");
+    let mut child = spawn(&socket, &image, &["--direct"]);
+    wait_for_socket(&mut child, &socket);
+    let mut d = Driver::connect(&socket, 1);
+    d.write_data(0, &[0x3c; 1536]);
+    assert_eq!(d.request(0, 1, 3, Some((1536, false))), (0, 1));
+    assert_eq!(d.request(0, 0, 2, Some((2048, true))), (0, 2049));
+    let got = d.read_data(0, 2048);
+    assert_eq!(
+        &got[..512],
+        &(1024..1536).map(pattern).collect::<Vec<u8>>()[..]
+    );
+    assert_eq!(&got[512..], &[0x3c; 1536][..]);
+    drop(d);
+    signal(&child, libc::SIGTERM);
+    let st = wait_exit(&mut child, 10);
+    assert_eq!(st.code(), Some(0), "{}", stderr_of(&mut child));
+}
