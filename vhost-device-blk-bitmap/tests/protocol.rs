@@ -13,6 +13,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+use vhost_device_blk_bitmap::tracker::{TrackerError, WriteTracker};
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -343,4 +344,71 @@ fn memory_added_with_add_mem_reg_is_usable() {
     assert_eq!(got, vec![0xee; 8192]);
     drop(d);
     daemon.stop().unwrap();
+}
+
+/// Records the order of tracker calls.
+#[derive(Debug, Default)]
+struct EventLog(Mutex<Vec<String>>);
+
+impl WriteTracker for EventLog {
+    fn mark(&self, offset: u64, len: u64) {
+        self.0.lock().unwrap().push(format!("mark {offset} {len}"));
+    }
+    fn on_frontend_connected(&self) -> Result<(), TrackerError> {
+        self.0.lock().unwrap().push("connected".into());
+        Ok(())
+    }
+    fn on_frontend_disconnected(&self) -> Result<(), TrackerError> {
+        self.0.lock().unwrap().push("disconnected".into());
+        Ok(())
+    }
+    fn on_shutdown(&self) -> Result<(), TrackerError> {
+        self.0.lock().unwrap().push("shutdown".into());
+        Ok(())
+    }
+}
+
+#[test]
+fn tracker_sees_connections_and_every_write_in_order() {
+    let log = Arc::new(EventLog::default());
+    let daemon = TestDaemon::start_full(1, |i| i, log.clone());
+    for round in 0..2u64 {
+        let mut d = Driver::connect(&daemon.socket, 1);
+        d.write_data(0, &[1; 1024]);
+        assert_eq!(d.request(0, T_OUT, 8 + round, Some((1024, false))), (0, 1));
+        // A rejected write (past the end) is not marked.
+        assert_eq!(
+            d.request(0, T_OUT, DISK_SIZE / 512, Some((512, false))).0,
+            1
+        );
+        // CH may reset features to 0 on a device the guest never started: tolerated.
+        d.fe.set_features(0).unwrap();
+        assert!(d.fe.get_features().is_ok());
+        drop(d);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| *e == "disconnected")
+            .count()
+            <= round as usize
+        {
+            assert!(std::time::Instant::now() < deadline, "no disconnect seen");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    daemon.stop().unwrap();
+    assert_eq!(
+        *log.0.lock().unwrap(),
+        vec![
+            "connected",
+            "mark 4096 1024",
+            "disconnected",
+            "connected",
+            "mark 4608 1024",
+            "disconnected"
+        ]
+    );
 }

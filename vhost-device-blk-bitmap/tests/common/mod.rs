@@ -18,7 +18,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_device_blk_bitmap::device::BlkDevice;
 use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, ImageFormat};
 use vhost_device_blk_bitmap::server::{Server, ServerConfig, ServerError, StopHandle};
-use vhost_device_blk_bitmap::tracker::NoopTracker;
+use vhost_device_blk_bitmap::tracker::{NoopTracker, WriteTracker};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -65,6 +65,15 @@ impl TestDaemon {
         num_queues: usize,
         wrap: impl FnOnce(Arc<dyn BlockImage>) -> Arc<dyn BlockImage>,
     ) -> Self {
+        Self::start_full(num_queues, wrap, Arc::new(NoopTracker))
+    }
+
+    /// Like `start_with`, with a write tracker.
+    pub fn start_full(
+        num_queues: usize,
+        wrap: impl FnOnce(Arc<dyn BlockImage>) -> Arc<dyn BlockImage>,
+        tracker: Arc<dyn WriteTracker>,
+    ) -> Self {
         let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.raw");
@@ -82,7 +91,7 @@ impl TestDaemon {
         .unwrap();
         let device = Arc::new(BlkDevice::new(
             wrap(disk.image.clone()),
-            Arc::new(NoopTracker),
+            tracker,
             512,
             b"test-serial",
             true,
