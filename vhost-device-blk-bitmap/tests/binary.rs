@@ -17,17 +17,44 @@ fn raw_image(dir: &Path) -> PathBuf {
     p
 }
 
-fn spawn(socket: &Path, image: &Path, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("--socket-path")
-        .arg(socket)
-        .arg("--image")
-        .arg(image)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// The daemon process; killed if a test fails before it exits.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(socket: &Path, image: &Path, extra: &[&str]) -> Daemon {
+    Daemon(
+        Command::new(BIN)
+            .arg("--socket-path")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn wait_for_socket(child: &mut Child, socket: &Path) {
