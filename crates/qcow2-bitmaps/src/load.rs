@@ -179,24 +179,7 @@ fn update_in_place(img: &dyn ImageMetadata, st: &State, new_dir: &[DirEntry]) ->
         autoclear: Some(autoclear & !AUTOCLEAR_BITMAPS),
         extensions: Vec::new(),
     })?;
-    match img.write_metadata(HostOffset(ext.directory_offset), &bytes) {
-        Ok(()) => {}
-        Err(qcow2::Error::Overlap { what, .. }) if what.contains("bitmap directory") => {
-            // The engine guards the directory even with the bit clear: hide the extension
-            // while rewriting it. A crash in this window loses the bitmaps as well (the
-            // clusters leak), only without QEMU's warning on the next open.
-            img.update_header(HeaderUpdate {
-                autoclear: None,
-                extensions: vec![(EXT_BITMAPS, None)],
-            })?;
-            img.write_metadata(HostOffset(ext.directory_offset), &bytes)?;
-            img.update_header(HeaderUpdate {
-                autoclear: None,
-                extensions: vec![(EXT_BITMAPS, Some(ext.to_bytes()))],
-            })?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    img.write_metadata(HostOffset(ext.directory_offset), &bytes)?;
     img.update_header(HeaderUpdate::default())?;
     img.update_header(HeaderUpdate {
         autoclear: Some(autoclear | AUTOCLEAR_BITMAPS),

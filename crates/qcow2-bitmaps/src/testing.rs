@@ -76,9 +76,6 @@ pub struct MemState {
     /// When the failing call is a header update, apply it before failing (write done,
     /// sync failed).
     pub fail_header_after_write: bool,
-    /// Guard the bitmap directory against writes even when autoclear bit 0 is clear
-    /// (as `qcow2::Qcow2Image` does); QEMU guards it only while the bit is set.
-    pub guard_directory_always: bool,
     /// Fail the allocation with this 0-based index.
     pub fail_alloc: Option<usize>,
     /// Mutating calls counted for `fail_op`.
@@ -119,7 +116,6 @@ impl MemImage {
                 log: Vec::new(),
                 fail_op: None,
                 fail_header_after_write: false,
-                guard_directory_always: false,
                 fail_alloc: None,
                 ops: 0,
                 allocs: 0,
@@ -184,7 +180,7 @@ impl MemState {
     }
 
     fn bitmap_dir_range(&self) -> Option<(u64, u64)> {
-        if self.autoclear & AUTOCLEAR_BITMAPS == 0 && !self.guard_directory_always {
+        if self.autoclear & AUTOCLEAR_BITMAPS == 0 {
             return None;
         }
         let x = self.extensions.get(&EXT_BITMAPS)?;

@@ -106,7 +106,7 @@ impl Counter<'_> {
     }
 
     fn aligned(&mut self, what: &str, off: u64) -> bool {
-        if off % self.cs != 0 {
+        if !off.is_multiple_of(self.cs) {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
                 "ERROR {what} offset={off:#x}: not aligned to a cluster"

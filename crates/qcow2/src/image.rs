@@ -441,7 +441,11 @@ impl Qcow2Image {
                 match m.mapping(gc)? {
                     Mapping::Normal(h, true) => {
                         match direct.last_mut() {
-                            Some((hh, _, l)) if *hh + *l as u64 == h.0 + in_off => *l += n as usize,
+                            Some((hh, a, l))
+                                if *hh + *l as u64 == h.0 + in_off && *a + *l == at =>
+                            {
+                                *l += n as usize
+                            }
                             _ => direct.push((h.0 + in_off, at, n as usize)),
                         }
                         pos += n;
@@ -538,10 +542,7 @@ impl Qcow2Image {
                         _ => ZERO,
                     }
                 }
-            } else if has_backing {
-                if discard {
-                    continue;
-                }
+            } else if has_backing && !discard {
                 // v2 cannot say "zero": write zeros into the cluster.
                 let zeros = vec![0u8; cs as usize];
                 write_cluster_locked(self, m, &zeros, gc * cs)?;
@@ -579,7 +580,7 @@ impl Qcow2Image {
             let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
             // Partial head and tail clusters are written with zeros.
             let head_end = (first_full * cs).min(end);
-            if offset < head_end && (first_full > last_full || offset % cs != 0) {
+            if offset < head_end && (first_full > last_full || !offset.is_multiple_of(cs)) {
                 let n = if first_full > last_full {
                     len
                 } else {

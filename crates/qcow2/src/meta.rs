@@ -676,7 +676,14 @@ impl Meta {
         if self.header.nb_snapshots > 0 && hit(self.header.snapshots_offset, cs) {
             return fail("the snapshot table");
         }
-        if let Some(ext) = self.header.extension(crate::EXT_BITMAPS) {
+        // Like QEMU, the bitmap directory is guarded only while the extension is marked
+        // consistent: the in-place in-use update rewrites it with autoclear bit 0 clear.
+        let bitmaps_valid = self.header.autoclear_features & crate::AUTOCLEAR_BITMAPS != 0;
+        if let Some(ext) = self
+            .header
+            .extension(crate::EXT_BITMAPS)
+            .filter(|_| bitmaps_valid)
+        {
             if ext.len() == 24 {
                 let size = u64::from_be_bytes(ext[8..16].try_into().unwrap());
                 let dir = u64::from_be_bytes(ext[16..24].try_into().unwrap());

@@ -17,7 +17,7 @@ impl HostOffset {
         self.0
     }
     /// Offset `n` bytes further.
-    pub fn add(self, n: u64) -> HostOffset {
+    pub fn offset_by(self, n: u64) -> HostOffset {
         HostOffset(self.0 + n)
     }
     /// Whether the offset is a multiple of `cluster_size` (a power of two).

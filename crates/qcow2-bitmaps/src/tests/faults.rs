@@ -191,23 +191,20 @@ fn remove_fault_keeps_old_or_new_directory() {
 
 #[test]
 fn in_use_update_fault_never_leaves_stale_consistent_bitmaps() {
-    for guard in [false, true] {
-        in_use_update_faults(guard);
-    }
+    in_use_update_faults();
 }
 
-fn in_use_update_faults(guard_directory_always: bool) {
+fn in_use_update_faults() {
     let (img, set, _, new) = scenario();
     set.store(&img).unwrap();
-    let mut base = img.reopen_state(false);
-    base.guard_directory_always = guard_directory_always;
+    let base = img.reopen_state(false);
     let n_ops = {
         let i = MemImage::from_state(base.clone());
         Bitmaps::open(&i, "disk0").unwrap();
         let n = mutating(&i.state().log).len();
         n
     };
-    assert_eq!(n_ops, if guard_directory_always { 6 } else { 4 });
+    assert_eq!(n_ops, 4);
     for after_write in [false, true] {
         for k in 0..n_ops {
             let i = MemImage::from_state(base.clone());
@@ -225,7 +222,7 @@ fn in_use_update_faults(guard_directory_always: bool) {
             let ac = i.autoclear_features() & 1;
             if now.is_empty() {
                 assert_eq!(ac, 0, "lost only through the autoclear bit");
-                assert!(guard_directory_always || i.header_extension(EXT_BITMAPS).is_some());
+                assert!(i.header_extension(EXT_BITMAPS).is_some());
             } else {
                 for ((n, b), (nn, nb)) in now.iter().zip(&new) {
                     assert_eq!(n, nn);

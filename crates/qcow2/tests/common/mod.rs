@@ -1,6 +1,8 @@
 //! Helpers for tests that use QEMU's tools.
 #![allow(dead_code)]
 
+pub mod workload;
+
 use std::path::Path;
 use std::process::Command;
 
