@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod backend;
+pub mod bitmaps;
 pub mod buffer;
 pub mod config;
 pub mod device;

@@ -8,11 +8,11 @@ use log::error;
 use vhost_device_blk_bitmap::args::Cli;
 use vhost_device_blk_bitmap::config::Config;
 use vhost_device_blk_bitmap::device::BlkDevice;
-use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, ImageFormat, OpenedDisk};
+use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, OpenedDisk};
 use vhost_device_blk_bitmap::server::{
     handle_termination_signals, Server, ServerConfig, StopHandle,
 };
-use vhost_device_blk_bitmap::tracker::{NoopTracker, WriteTracker};
+use vhost_device_blk_bitmap::tracker::WriteTracker;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -46,9 +46,8 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         read_only: config.read_only,
         direct: config.direct,
         create_size: config.create_size,
-        // Integration point: `qcow2::AUTOCLEAR_BITMAPS` once a tracker keeps the
-        // persistent bitmaps up to date; until then a writable open invalidates them.
-        known_autoclear: 0,
+        // The tracker keeps the persistent bitmaps valid, so the engine keeps their bit.
+        known_autoclear: qcow2::AUTOCLEAR_BITMAPS,
     })?;
     let tracker = make_tracker(&config, &disk)?;
     log::info!("serving {} image '{}'", disk.format, config.image.display());
@@ -68,31 +67,28 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         device,
         stop,
     );
-    server.run()?;
-    tracker.on_shutdown()?;
+    // Whatever ended the server, store the bitmaps (or say why not) before exiting.
+    let served = server.run();
+    let closed = tracker.on_shutdown();
+    drop(server);
+    drop(tracker);
     drop(disk);
-    Ok(())
+    match (served, closed) {
+        (Ok(()), closed) => Ok(closed?),
+        (Err(e), closed) => {
+            if let Err(c) = closed {
+                error!("{c}");
+            }
+            Err(e.into())
+        }
+    }
 }
 
-/// Builds the write tracker for the opened disk.
-///
-/// Integration point: build the persistent-bitmap tracker here from `disk.qcow2` (the
-/// concrete `qcow2::Qcow2Image`, an `ImageMetadata`) and `config.bitmaps`, and open qcow2
-/// images with `known_autoclear: qcow2::AUTOCLEAR_BITMAPS` above.
+/// Builds the write tracker for the opened disk (persistent bitmaps for qcow2 images);
+/// on error the bitmaps were stored again or the log says why not.
 fn make_tracker(
     config: &Config,
     disk: &OpenedDisk,
 ) -> Result<Arc<dyn WriteTracker>, Box<dyn std::error::Error>> {
-    if !config.bitmaps.is_empty() {
-        if disk.format != ImageFormat::Qcow2 {
-            return Err(format!(
-                "--bitmap needs a qcow2 image, '{}' is {}",
-                config.image.display(),
-                disk.format
-            )
-            .into());
-        }
-        log::warn!("--bitmap is accepted but not wired to persistent bitmaps yet");
-    }
-    Ok(Arc::new(NoopTracker))
+    Ok(vhost_device_blk_bitmap::bitmaps::tracker_for(config, disk)?)
 }

@@ -262,9 +262,20 @@ impl Server {
         let mut daemon =
             VhostUserDaemon::new("vhost-device-blk-bitmap".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
+        // A frontend is waiting. The tracker (e.g. flagging the bitmaps in-use on disk)
+        // must be ready before the connection's thread can start any queue, so it runs
+        // before the accept.
+        if let Err(e) = self.device.tracker().on_frontend_connected() {
+            error!("write tracker refused the connection: {e}");
+            return Err(e.into());
+        }
         if let Err(e) = daemon.start(listener) {
             drop(daemon);
             backend.close_handed_out_fds();
+            // Nothing was served: give the tracker its idle state back.
+            if let Err(e) = self.device.tracker().on_frontend_disconnected() {
+                error!("write tracker failed after a failed accept: {e}");
+            }
             if self.stop.is_stopping() {
                 return Ok(());
             }
@@ -274,11 +285,6 @@ impl Server {
         }
         info!("frontend connected");
         self.stop.set_conn(daemon.shutdown_handle());
-        let tracker_result = self.device.tracker().on_frontend_connected();
-        if let Err(e) = &tracker_result {
-            error!("write tracker refused the connection: {e}");
-            daemon.request_shutdown();
-        }
         let result = daemon.wait();
         self.stop.set_conn(None);
         // Stop the queue threads; dropping the daemon joins them after their current
@@ -296,7 +302,6 @@ impl Server {
             )) => info!("frontend disconnected"),
             Err(e) => warn!("connection ended: {e}"),
         }
-        tracker_result?;
         if let Err(e) = self.device.tracker().on_frontend_disconnected() {
             error!("write tracker failed after disconnect: {e}");
         }

@@ -1,0 +1,375 @@
+//! The persistent-bitmap write tracker: keeps QEMU's persistent dirty bitmaps of a qcow2
+//! image up to date while the image is served.
+//!
+//! Lifecycle (QEMU's order, plus a store whenever no frontend is attached):
+//! * [`PersistentBitmaps::open`] loads every bitmap and flags the loaded ones IN_USE on
+//!   disk; bitmaps already IN_USE load as inconsistent (listed, never tracked).
+//! * [`PersistentBitmaps::apply`] creates or checks the `--bitmap` bitmaps.
+//! * [`PersistentBitmaps::store_idle`] / `on_frontend_disconnected`: store, so the image
+//!   on disk is clean while no VM is attached.
+//! * `on_frontend_connected`: flag IN_USE again before any request is served.
+//! * `on_shutdown`: store (if needed) and flush.
+//!
+//! Dropping a tracker whose bitmaps still need storing stores them (or logs why it could
+//! not), so every exit path that unwinds normally leaves a clean image.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{error, info, warn};
+use qcow2::{BlockImage, Qcow2Image};
+use qcow2_bitmaps::{AddOptions, BitmapInfo, Bitmaps};
+
+use crate::config::BitmapSpec;
+use crate::tracker::{TrackerError, WriteTracker};
+
+/// Errors of the persistent-bitmap tracker; each names the image and tells what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapError {
+    /// The bitmap directory could not be loaded (or flagged in-use).
+    #[error("cannot load the persistent bitmaps of '{image}': {source}")]
+    Load {
+        /// Image name.
+        image: String,
+        /// The persistence layer's error.
+        #[source]
+        source: qcow2_bitmaps::Error,
+    },
+    /// `--bitmap` names a bitmap found in-use (not saved properly).
+    #[error(
+        "--bitmap {name}: bitmap '{name}' in '{image}' is inconsistent (it was not saved \
+         properly, e.g. after a crash) and cannot record writes; remove it with \
+         `vhost-device-blk-bitmap bitmap remove {image} {name}` (or `qemu-img bitmap \
+         --remove {image} {name}`), then take a full backup"
+    )]
+    Inconsistent {
+        /// Image name.
+        image: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// `--bitmap NAME,granularity=G` with an existing bitmap of another granularity.
+    #[error(
+        "--bitmap {name}: bitmap '{name}' in '{image}' exists with granularity {existing}, \
+         not {requested}; drop granularity= to use it as it is, or remove it first"
+    )]
+    Granularity {
+        /// Image name.
+        image: String,
+        /// Bitmap name.
+        name: String,
+        /// Its granularity.
+        existing: u64,
+        /// The requested one.
+        requested: u64,
+    },
+    /// `--bitmap` names a disabled bitmap.
+    #[error(
+        "--bitmap {name}: bitmap '{name}' in '{image}' is disabled and would record no \
+         writes; enable it first with `qemu-img bitmap --enable {image} {name}`"
+    )]
+    Disabled {
+        /// Image name.
+        image: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// A new bitmap could not be created.
+    #[error("--bitmap {name}: cannot create bitmap '{name}' in '{image}': {source}")]
+    Add {
+        /// Image name.
+        image: String,
+        /// Bitmap name.
+        name: String,
+        /// The persistence layer's error.
+        #[source]
+        source: qcow2_bitmaps::Error,
+    },
+    /// `--bitmap` on an image that cannot hold bitmaps, or opened read-only.
+    #[error("--bitmap needs a writable qcow2 image, '{image}' is {what}")]
+    Unsupported {
+        /// Image name.
+        image: String,
+        /// What it is instead.
+        what: String,
+    },
+    /// Storing failed: the named bitmaps are not saved and stay in-use on disk.
+    #[error(
+        "could not store the persistent bitmaps of '{image}': {source}; they stay marked \
+         in-use in the image and will be reported inconsistent on the next open"
+    )]
+    Store {
+        /// Image name.
+        image: String,
+        /// The persistence layer's error (names the lost bitmaps).
+        #[source]
+        source: qcow2_bitmaps::Error,
+    },
+    /// Flagging the bitmaps in-use again failed (the frontend is refused).
+    #[error("could not mark the persistent bitmaps of '{image}' in-use: {source}")]
+    InUse {
+        /// Image name.
+        image: String,
+        /// The persistence layer's error.
+        #[source]
+        source: qcow2_bitmaps::Error,
+    },
+    /// The final flush failed.
+    #[error("flushing '{image}' failed: {source}")]
+    Flush {
+        /// Image name.
+        image: String,
+        /// The engine's error.
+        #[source]
+        source: qcow2::Error,
+    },
+}
+
+impl From<BitmapError> for TrackerError {
+    fn from(e: BitmapError) -> Self {
+        TrackerError(e.to_string())
+    }
+}
+
+/// Writes go into every enabled bitmap of a qcow2 image; the bitmaps are stored whenever
+/// no frontend is attached.
+pub struct PersistentBitmaps {
+    image: Arc<Qcow2Image>,
+    name: String,
+    bitmaps: Bitmaps,
+    /// The on-disk bitmaps may be in-use or stale: a store is owed.
+    needs_store: Mutex<bool>,
+}
+
+impl std::fmt::Debug for PersistentBitmaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistentBitmaps")
+            .field("image", &self.name)
+            .field("bitmaps", &self.bitmaps)
+            .finish_non_exhaustive()
+    }
+}
+
+/// "b0 (3 dirty granules of 65536, 196608 bytes)".
+fn describe(b: &BitmapInfo) -> String {
+    format!(
+        "{} ({} dirty granule(s) of {} bytes, {} bytes{})",
+        b.name,
+        b.count,
+        b.granularity,
+        b.dirty_bytes,
+        if b.enabled { "" } else { ", disabled" }
+    )
+}
+
+impl PersistentBitmaps {
+    /// Loads the bitmaps of `image` (`name` is used in messages). A writable image gets
+    /// every loaded bitmap flagged IN_USE on disk (a store is owed from now on); bitmaps
+    /// found IN_USE are reported as inconsistent and not tracked. A read-only image is
+    /// never written.
+    pub fn open(image: Arc<Qcow2Image>, name: &str) -> Result<Self, BitmapError> {
+        let bitmaps = Bitmaps::open(&*image, name).map_err(|source| BitmapError::Load {
+            image: name.to_owned(),
+            source,
+        })?;
+        let writable = !bitmaps.is_read_only();
+        let me = PersistentBitmaps {
+            image,
+            name: name.to_owned(),
+            bitmaps,
+            needs_store: Mutex::new(writable),
+        };
+        for b in me.bitmaps.list().iter().filter(|b| b.inconsistent) {
+            warn!(
+                "bitmap '{}' in '{name}' is inconsistent and will not be tracked; remove it \
+                 with `vhost-device-blk-bitmap bitmap remove {name} {}`",
+                b.name, b.name
+            );
+        }
+        Ok(me)
+    }
+
+    /// Makes sure every `--bitmap` exists, is consistent, enabled and of the requested
+    /// granularity; missing ones are created (persistent, enabled; QEMU's default
+    /// granularity unless given). New bitmaps reach the image with the next store.
+    pub fn apply(&self, specs: &[BitmapSpec]) -> Result<(), BitmapError> {
+        if specs.is_empty() {
+            return Ok(());
+        }
+        if self.bitmaps.is_read_only() {
+            return Err(BitmapError::Unsupported {
+                image: self.name.clone(),
+                what: "opened read-only".into(),
+            });
+        }
+        let existing = self.bitmaps.list();
+        for spec in specs {
+            let image = self.name.clone();
+            let name = spec.name.clone();
+            match existing.iter().find(|b| b.name == spec.name) {
+                Some(b) if b.inconsistent => {
+                    return Err(BitmapError::Inconsistent { image, name });
+                }
+                Some(b) if spec.granularity.is_some_and(|g| g != b.granularity) => {
+                    return Err(BitmapError::Granularity {
+                        image,
+                        name,
+                        existing: b.granularity,
+                        requested: spec.granularity.unwrap_or_default(),
+                    });
+                }
+                Some(b) if !b.enabled => return Err(BitmapError::Disabled { image, name }),
+                Some(b) => info!("recording writes into existing bitmap {}", describe(b)),
+                None => {
+                    let opts = AddOptions {
+                        granularity: spec.granularity,
+                        ..AddOptions::default()
+                    };
+                    self.bitmaps
+                        .add(&*self.image, &spec.name, opts)
+                        .map_err(|source| BitmapError::Add {
+                            image,
+                            name,
+                            source,
+                        })?;
+                    let g = self
+                        .bitmaps
+                        .list()
+                        .iter()
+                        .find(|b| b.name == spec.name)
+                        .map_or(0, |b| b.granularity);
+                    info!(
+                        "created persistent bitmap '{}' (granularity {g}) in '{}'",
+                        spec.name, self.name
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The in-memory bitmaps (for inspection).
+    pub fn bitmaps(&self) -> &Bitmaps {
+        &self.bitmaps
+    }
+
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        self.needs_store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores the bitmaps if a store is owed (no writes may be in flight): afterwards the
+    /// image on disk is clean. Logs one line naming the stored bitmaps.
+    pub fn store_idle(&self) -> Result<(), BitmapError> {
+        let mut owed = self.lock();
+        if !*owed {
+            return Ok(());
+        }
+        // Whatever happens, do not retry on drop: a failure is reported by the caller.
+        *owed = false;
+        self.store_locked()
+    }
+
+    fn store_locked(&self) -> Result<(), BitmapError> {
+        self.bitmaps
+            .store(&*self.image)
+            .map_err(|source| BitmapError::Store {
+                image: self.name.clone(),
+                source,
+            })?;
+        let stored: Vec<String> = self
+            .bitmaps
+            .list()
+            .iter()
+            .filter(|b| b.persistent && !b.inconsistent)
+            .map(describe)
+            .collect();
+        if !stored.is_empty() {
+            info!(
+                "stored persistent bitmaps of '{}': {}",
+                self.name,
+                stored.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Flags the stored bitmaps IN_USE again, before a frontend may write.
+    pub fn mark_in_use(&self) -> Result<(), BitmapError> {
+        if self.bitmaps.is_read_only() {
+            return Ok(());
+        }
+        let mut owed = self.lock();
+        // Even a failed update may have changed the header: store on the way out.
+        *owed = true;
+        self.bitmaps
+            .mark_in_use_again(&*self.image)
+            .map_err(|source| BitmapError::InUse {
+                image: self.name.clone(),
+                source,
+            })
+    }
+
+    /// Stores if owed, then flushes the image.
+    pub fn close(&self) -> Result<(), BitmapError> {
+        let stored = self.store_idle();
+        if !self.bitmaps.is_read_only() {
+            self.image.flush().map_err(|source| BitmapError::Flush {
+                image: self.name.clone(),
+                source,
+            })?;
+        }
+        stored
+    }
+}
+
+impl WriteTracker for PersistentBitmaps {
+    fn mark(&self, offset: u64, len: u64) {
+        self.bitmaps.mark(offset, len);
+    }
+
+    fn on_frontend_connected(&self) -> Result<(), TrackerError> {
+        Ok(self.mark_in_use()?)
+    }
+
+    fn on_frontend_disconnected(&self) -> Result<(), TrackerError> {
+        Ok(self.store_idle()?)
+    }
+
+    fn on_shutdown(&self) -> Result<(), TrackerError> {
+        Ok(self.close()?)
+    }
+}
+
+impl Drop for PersistentBitmaps {
+    fn drop(&mut self) {
+        let owed = *self.lock();
+        if owed {
+            if let Err(e) = self.store_idle() {
+                error!("{e}");
+            }
+        }
+    }
+}
+
+/// Builds the write tracker for an opened disk: [`PersistentBitmaps`] for qcow2 images
+/// (with the `--bitmap` requests applied and everything stored, so the image is clean
+/// until a frontend connects), [`NoopTracker`](crate::tracker::NoopTracker) for raw ones.
+/// On error the bitmaps already loaded are stored again (or the log says why not).
+pub fn tracker_for(
+    config: &crate::config::Config,
+    disk: &crate::disk::OpenedDisk,
+) -> Result<Arc<dyn WriteTracker>, BitmapError> {
+    let name = config.image.display().to_string();
+    let Some(image) = disk.qcow2.clone() else {
+        if !config.bitmaps.is_empty() {
+            return Err(BitmapError::Unsupported {
+                image: name,
+                what: format!("a {} image", disk.format),
+            });
+        }
+        return Ok(Arc::new(crate::tracker::NoopTracker));
+    };
+    let tracker = PersistentBitmaps::open(image, &name)?;
+    tracker.apply(&config.bitmaps)?;
+    tracker.store_idle()?;
+    Ok(Arc::new(tracker))
+}
