@@ -13,14 +13,24 @@ pub struct Cli {
     /// Options for serving an image (used when no subcommand is given).
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// Image maintenance subcommands (none yet).
+    /// Offline image maintenance subcommands.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
 /// Subcommands; serving is the default when none is given.
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
-pub enum Command {}
+pub enum Command {
+    /// Manage the persistent dirty bitmaps of a qcow2 image no daemon is serving (what
+    /// `qemu-img bitmap` does).
+    #[command(subcommand)]
+    Bitmap(crate::tool::args::BitmapCommand),
+    /// Create a qcow2 image.
+    Create(crate::tool::args::CreateArgs),
+    /// Check a qcow2 image's refcounts (exit 0 clean, 1 check failed, 2 corruptions,
+    /// 3 leaks only), optionally repairing it.
+    Check(crate::tool::args::CheckArgs),
+}
 
 /// Image formats.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,6 +15,7 @@ pub mod device;
 pub mod disk;
 pub mod lock;
 pub mod server;
+pub mod tool;
 pub mod tracker;
 pub mod transport;
 pub mod virtio_blk;

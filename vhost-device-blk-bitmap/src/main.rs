@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::error;
-use vhost_device_blk_bitmap::args::Cli;
+use vhost_device_blk_bitmap::args::{Cli, Command};
 use vhost_device_blk_bitmap::config::Config;
 use vhost_device_blk_bitmap::device::BlkDevice;
 use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, OpenedDisk};
@@ -18,8 +18,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     if let Some(command) = cli.command {
-        // No subcommands exist yet; the enum is empty.
-        match command {}
+        return ExitCode::from(run_tool(&command));
     }
     let config = match Config::try_from(cli.serve) {
         Ok(c) => c,
@@ -34,6 +33,16 @@ fn main() -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs an offline subcommand (see `vhost_device_blk_bitmap::tool`); returns the exit code.
+fn run_tool(command: &Command) -> u8 {
+    use vhost_device_blk_bitmap::tool;
+    match command {
+        Command::Bitmap(c) => tool::run_bitmap(c),
+        Command::Create(a) => tool::run_create(a),
+        Command::Check(a) => tool::run_check(a),
     }
 }
 
