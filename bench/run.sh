@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Runs the daemon benchmarks of docs/benchmarks.md and appends one key=value line per
+# job and run to OUT.
+#
+#   bench/run.sh tmpfs|disk OUT
+#
+# tmpfs: images in /dev/shm (software path; no O_DIRECT there, so our daemon runs
+#        without --direct and qemu-storage-daemon with cache.direct=off).
+# disk:  images in /var/tmp (on the root disk); our daemon with --direct,
+#        qemu-storage-daemon with cache.direct=on, fio with direct=1 on a raw file.
+#
+# Environment: SERVERS (default "ours qsd"; also ours-bitmap, fio), RUNS (3),
+# RUNTIME (10 s measured per job), RAMP (1 s), JOBS (vhost-blk-bench --jobs list),
+# DIR (image folder), OURS / BENCH (binaries; default target/release).
+# Every run starts from a fresh copy of a fully allocated 1 GiB qcow2 image
+# (64 KiB clusters), so servers and runs see the same on-disk state.
+set -euo pipefail
+
+MODE=${1:?usage: bench/run.sh tmpfs|disk OUT}
+OUT=${2:?usage: bench/run.sh tmpfs|disk OUT}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=${BENCH:-$ROOT/target/release/vhost-blk-bench}
+OURS=${OURS:-$ROOT/target/release/vhost-device-blk-bitmap}
+RUNS=${RUNS:-3}
+RUNTIME=${RUNTIME:-10}
+RAMP=${RAMP:-1}
+JOBS=${JOBS:-randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32,write-1m-qd8}
+SERVERS=${SERVERS:-ours qsd}
+SIZE=1G
+
+case $MODE in
+tmpfs)
+    DIR=${DIR:-/dev/shm/vhost-blk-bench}
+    OURS_DIRECT=()
+    QSD_DIRECT=off
+    FIO_DIRECT=0
+    ;;
+disk)
+    DIR=${DIR:-/var/tmp/vhost-blk-bench}
+    OURS_DIRECT=(--direct)
+    QSD_DIRECT=on
+    FIO_DIRECT=1
+    ;;
+*)
+    echo "mode must be tmpfs or disk" >&2
+    exit 2
+    ;;
+esac
+mkdir -p "$DIR"
+SOCK=$DIR/vhost.sock
+IMG=$DIR/img.qcow2
+
+for tool in qemu-img qemu-io; do
+    command -v $tool >/dev/null || { echo "missing $tool" >&2; exit 1; }
+done
+[ -x "$BENCH" ] || { echo "build first: cargo build --release -p vhost-blk-bench" >&2; exit 1; }
+
+if [ ! -f "$DIR/base.qcow2" ]; then
+    qemu-img create -q -f qcow2 "$DIR/base.tmp" $SIZE
+    qemu-io -f qcow2 -c "write -P 0x5a 0 $SIZE" "$DIR/base.tmp" >/dev/null
+    mv "$DIR/base.tmp" "$DIR/base.qcow2"
+fi
+
+PID=
+cleanup() {
+    if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+
+wait_socket() {
+    for _ in $(seq 200); do
+        [ -S "$SOCK" ] && return 0
+        kill -0 "$PID" 2>/dev/null || { echo "server exited" >&2; cat "$DIR/server.log" >&2; exit 1; }
+        sleep 0.05
+    done
+    echo "socket $SOCK never appeared" >&2
+    exit 1
+}
+
+fresh_image() {
+    cp "$DIR/base.qcow2" "$IMG"
+    sync
+}
+
+start_server() {
+    rm -f "$SOCK"
+    case $1 in
+    ours)
+        "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" >"$DIR/server.log" 2>&1 &
+        ;;
+    ours-bitmap)
+        qemu-img bitmap --add "$IMG" b0
+        "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" --bitmap b0 >"$DIR/server.log" 2>&1 &
+        ;;
+    qsd)
+        qemu-storage-daemon \
+            --blockdev driver=file,node-name=file0,filename="$IMG",cache.direct=$QSD_DIRECT \
+            --blockdev driver=qcow2,node-name=disk0,file=file0 \
+            --export type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path="$SOCK",writable=on,num-queues=1 \
+            >"$DIR/server.log" 2>&1 &
+        ;;
+    qsd-bitmap)
+        qemu-img bitmap --add "$IMG" b0
+        qemu-storage-daemon \
+            --blockdev driver=file,node-name=file0,filename="$IMG",cache.direct=$QSD_DIRECT \
+            --blockdev driver=qcow2,node-name=disk0,file=file0 \
+            --export type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path="$SOCK",writable=on,num-queues=1 \
+            >"$DIR/server.log" 2>&1 &
+        ;;
+    *)
+        echo "unknown server $1" >&2
+        exit 2
+        ;;
+    esac
+    PID=$!
+    wait_socket
+}
+
+stop_server() {
+    kill -TERM "$PID"
+    wait "$PID" || { echo "server exit status $?" >&2; cat "$DIR/server.log" >&2; }
+    PID=
+}
+
+run_fio() {
+    local label=$1 job rw bs qd
+    command -v fio >/dev/null || { echo "missing fio (apt-get install -y fio)" >&2; exit 1; }
+    IFS=, read -r -a list <<<"$JOBS"
+    for job in "${list[@]}"; do
+        IFS=- read -r rw bs qd <<<"$job"
+        fio --name="$job" --filename="$DIR/fio.raw" --size=$SIZE --direct=$FIO_DIRECT \
+            --ioengine=libaio --rw="$rw" --bs="$bs" --iodepth="${qd#qd}" \
+            --runtime="$RUNTIME" --ramp_time="$RAMP" --time_based --lat_percentiles=1 \
+            --randrepeat=0 --output-format=json >"$DIR/fio.json"
+        python3 "$ROOT/bench/fio_line.py" "$label" "$job" "$DIR/fio.json" | tee -a "$OUT"
+    done
+}
+
+for run in $(seq "$RUNS"); do
+    for s in $SERVERS; do
+        echo "# run $run/$RUNS: $s ($MODE), $(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT"
+        if [ "$s" = fio ]; then
+            if [ ! -f "$DIR/fio.raw" ]; then
+                dd if=/dev/urandom of="$DIR/fio.raw" bs=1M count=1024 status=none
+                sync
+            fi
+            run_fio "fio-$MODE"
+            continue
+        fi
+        fresh_image
+        start_server "$s"
+        "$BENCH" --socket "$SOCK" --pid "$PID" --runtime "$RUNTIME" --ramp "$RAMP" \
+            --jobs "$JOBS" --label "$s-$MODE" | tee -a "$OUT"
+        stop_server
+    done
+done
