@@ -275,6 +275,12 @@ impl PersistentBitmaps {
                 image: self.name.clone(),
                 source,
             })?;
+        // The store frees the old clusters in the refcount cache: write it out, so the
+        // image on disk checks clean while no frontend is attached.
+        self.image.flush().map_err(|source| BitmapError::Flush {
+            image: self.name.clone(),
+            source,
+        })?;
         let stored: Vec<String> = self
             .bitmaps
             .list()
