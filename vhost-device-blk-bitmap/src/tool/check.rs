@@ -25,6 +25,9 @@ pub fn run(a: &CheckArgs, out: &mut dyn Write) -> Result<u8, ToolError> {
     let size = qcow2::BlockImage::size(&opened.image);
     let total = size.div_ceil(opened.image.cluster_size());
     drop(opened);
+    for msg in &report.messages {
+        eprintln!("{msg}");
+    }
     output::check(out, &a.image, &report, total, a.json)?;
     Ok(if report.corruptions > report.corruptions_fixed {
         2

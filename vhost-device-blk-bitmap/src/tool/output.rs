@@ -75,7 +75,8 @@ pub fn dump(out: &mut dyn Write, extents: &[Extent]) -> io::Result<()> {
     writeln!(out, "]")
 }
 
-/// Prints a check report like `qemu-img check` (text or JSON).
+/// Prints a check report's summary like `qemu-img check` (text or JSON); the per-problem
+/// messages go to stderr separately, as QEMU prints them.
 pub fn check(
     out: &mut dyn Write,
     path: &Path,
@@ -105,9 +106,6 @@ pub fn check(
             }
         }
         return writeln!(out, "{}", serde_json::to_string_pretty(&v)?);
-    }
-    for msg in &report.messages {
-        writeln!(out, "{msg}")?;
     }
     if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
         writeln!(
