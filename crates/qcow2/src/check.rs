@@ -312,7 +312,6 @@ pub fn check_image(img: &Qcow2Image, repair: Repair) -> Result<CheckReport> {
         .len()
         .map_err(|e| Error::io("reading the image size", e))?;
     let rb_entries = m.rb_entries();
-    let reftable_clusters = m.reftable.len() as u64 * rb_entries;
     let nclusters = file_len.div_ceil(cs).max(1);
     if nclusters > MAX_CHECK_CLUSTERS {
         return Err(Error::Unsupported(format!(
@@ -356,8 +355,17 @@ pub fn check_image(img: &Qcow2Image, repair: Repair) -> Result<CheckReport> {
     // Compare, repairing as asked.
     let mut allocated = 0u64;
     let mut end = 0u64;
-    let last = nclusters.max(reftable_clusters.min(MAX_CHECK_CLUSTERS));
-    for c in 0..last {
+    // Every cluster of the file, then the entries of existing refcount blocks that
+    // describe clusters past its end (not every entry the refcount table could cover:
+    // that would be billions of clusters for an empty table).
+    let mut ranges = vec![(0, nclusters)];
+    for (t, e) in m.reftable.iter().enumerate() {
+        let (lo, hi) = (t as u64 * rb_entries, (t as u64 + 1) * rb_entries);
+        if e & REFT_OFFSET_MASK != 0 && hi > nclusters && lo < MAX_CHECK_CLUSTERS {
+            ranges.push((lo.max(nclusters), hi.min(MAX_CHECK_CLUSTERS)));
+        }
+    }
+    for c in ranges.into_iter().flat_map(|(lo, hi)| lo..hi) {
         let want = u64::from(refs.get(c as usize).copied().unwrap_or(0));
         let have = m.refcount(c)?;
         if want > 0 {
