@@ -60,6 +60,9 @@ pub enum E2eError {
         /// Why (e.g. the server exited, with its log).
         detail: String,
     },
+    /// Our daemon's binary could not be located or built.
+    #[error("vhost-device-blk-bitmap binary unavailable: {0}")]
+    Daemon(String),
     /// A tool printed something the harness cannot interpret.
     #[error("unexpected output of `{cmd}`: {detail}")]
     BadOutput {

@@ -7,12 +7,14 @@
 //!   (expected contents and dirty granules), reusable for any server.
 //! * [`Scenario`]: the standard guest workload plus every image check after it; run it
 //!   against any server by passing a closure that starts it.
-//! * [`Backend`]: a server process (our daemon or `qemu-storage-daemon`).
+//! * [`Backend`]: a server process (our daemon or `qemu-storage-daemon`);
+//!   [`daemon_binary`] / [`daemon_command`] locate (or build) and start our daemon.
 //! * [`tools`]: qemu-img / qemu-io / qemu-nbd helpers to inspect images and bitmaps.
 //!
 //! Every wait is bounded and every child process is killed when its guard drops.
 
 pub mod backend;
+pub mod daemon;
 pub mod error;
 pub mod guest;
 pub mod process;
@@ -21,6 +23,7 @@ pub mod script;
 pub mod tools;
 
 pub use backend::{qsd_vhost_user_blk, Backend};
+pub use daemon::{daemon_binary, daemon_command};
 pub use error::{E2eError, Result};
 pub use guest::{Accel, Guest, GuestConfig, GuestEnv, GuestOutcome};
 pub use scenario::{Scenario, ScenarioReport};

@@ -1,0 +1,147 @@
+//! Our daemon (`vhost-device-blk-bitmap`) as the server under test: locating its binary
+//! and building its command line.
+//!
+//! The binary is taken from `$E2E_DAEMON_BIN` when set. Otherwise it is
+//! `target/<profile>/vhost-device-blk-bitmap` next to the running test executable (the
+//! profile directory of `cargo test` / `cargo test --release`). When that file is missing
+//! or older than any source of the daemon and its workspace crates, it is built once per
+//! test process with `cargo build -p vhost-device-blk-bitmap --bin vhost-device-blk-bitmap`
+//! (`--release` for the release directory). `cargo test --workspace` has already built it
+//! for the daemon's own tests, so then nothing is rebuilt.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use crate::error::{E2eError, Result};
+use crate::guest::workspace_root;
+use crate::process::{describe, run_cmd};
+
+/// Environment variable naming a prebuilt daemon binary.
+pub const DAEMON_BIN_ENV: &str = "E2E_DAEMON_BIN";
+/// Name of the daemon's binary target.
+pub const DAEMON_BIN_NAME: &str = "vhost-device-blk-bitmap";
+/// Limit for building the daemon.
+pub const DAEMON_BUILD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// The daemon binary (see the module docs); located or built once per process.
+pub fn daemon_binary() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| locate().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(E2eError::Daemon)
+}
+
+/// A command serving `image` on `socket` with `num_queues` queues plus `extra` options.
+pub fn daemon_command(
+    bin: &Path,
+    image: &Path,
+    socket: &Path,
+    num_queues: u32,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--socket-path")
+        .arg(socket)
+        .arg("--image")
+        .arg(image)
+        .arg("--num-queues")
+        .arg(num_queues.to_string())
+        .args(extra);
+    cmd
+}
+
+fn locate() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(DAEMON_BIN_ENV) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(E2eError::Daemon(format!(
+                "{DAEMON_BIN_ENV}={} is not a file",
+                p.display()
+            )))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|source| E2eError::Io {
+        path: PathBuf::from("<current test executable>"),
+        source,
+    })?;
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| E2eError::Daemon(format!("unexpected test path {}", exe.display())))?;
+    let bin = profile_dir.join(DAEMON_BIN_NAME);
+    if is_fresh(&bin) {
+        return Ok(bin);
+    }
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .args(["-p", DAEMON_BIN_NAME, "--bin", DAEMON_BIN_NAME]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if let Some(target) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    let text = describe(&cmd);
+    let out = run_cmd(&mut cmd, DAEMON_BUILD_TIMEOUT)?;
+    if !out.status.success() || !bin.is_file() {
+        return Err(E2eError::Daemon(format!(
+            "`{text}` failed ({}) or did not produce {}:\n{}",
+            out.status,
+            bin.display(),
+            out.stderr
+        )));
+    }
+    Ok(bin)
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Newest modification time of the `.rs`/`.toml` files under `dir` (no `target`).
+fn newest_source(dir: &Path, newest: &mut SystemTime) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n != "target") {
+                newest_source(&p, newest);
+            }
+        } else if p
+            .extension()
+            .is_some_and(|x| x == "rs" || x == "toml" || x == "lock")
+        {
+            if let Some(t) = mtime(&p) {
+                *newest = (*newest).max(t);
+            }
+        }
+    }
+}
+
+/// The binary exists and is newer than every source it is built from.
+fn is_fresh(bin: &Path) -> bool {
+    let Some(built) = mtime(bin) else {
+        return false;
+    };
+    let root = workspace_root();
+    let mut newest = SystemTime::UNIX_EPOCH;
+    newest_source(&root.join(DAEMON_BIN_NAME), &mut newest);
+    newest_source(&root.join("crates"), &mut newest);
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        if let Some(t) = mtime(&root.join(f)) {
+            newest = newest.max(t);
+        }
+    }
+    built >= newest
+}
