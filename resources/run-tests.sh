@@ -5,8 +5,7 @@
 #   e.g. resources/run-tests.sh -- --nocapture
 #
 # On a fresh Debian 12 (bookworm) machine run it as root: missing prerequisites are
-# installed (QEMU tools 10.x from bookworm-backports, a C toolchain, python3, Rust via
-# rustup). qemu-system-x86 is never installed (it would replace the qemu-utils backport);
+# installed with apt-get (qemu-utils, a C toolchain, python3). qemu-system-x86 is never installed (it would replace the qemu-utils backport);
 # resources/build-guest.sh unpacks its own copy into target/guest instead.
 set -euo pipefail
 
@@ -33,7 +32,6 @@ apt_install() {
 need=()
 command -v python3 >/dev/null || need+=(python3)
 command -v cc >/dev/null || need+=(build-essential)
-command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v flock >/dev/null || need+=(util-linux)
 command -v apt-get >/dev/null || die "this script expects a Debian 12 host"
 ((${#need[@]} == 0)) || apt_install "${need[@]}"
@@ -41,13 +39,7 @@ command -v apt-get >/dev/null || die "this script expects a Debian 12 host"
 # QEMU tools: qemu-img, qemu-io, qemu-nbd and qemu-storage-daemon (all in qemu-utils 10.x).
 if ! command -v qemu-img >/dev/null || ! command -v qemu-storage-daemon >/dev/null \
    || ! command -v qemu-io >/dev/null || ! command -v qemu-nbd >/dev/null; then
-    if [[ $(id -u) -eq 0 ]] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        log "enabling bookworm-backports for qemu-utils 10.x"
-        echo 'deb http://deb.debian.org/debian bookworm-backports main' \
-            >/etc/apt/sources.list.d/bookworm-backports.list
-        APT_UPDATED=0
-    fi
-    apt_install -t bookworm-backports qemu-utils || apt_install qemu-utils
+    apt_install qemu-utils
     for t in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
         command -v "$t" >/dev/null || die "$t still missing after installing qemu-utils"
     done
@@ -58,10 +50,7 @@ if ! command -v cargo >/dev/null; then
     if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
         export PATH="$HOME/.cargo/bin:$PATH"
     else
-        log "installing Rust with rustup (minimal profile)"
-        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
-            | sh -s -- -y -q --profile minimal >/dev/null
-        export PATH="$HOME/.cargo/bin:$PATH"
+        die "cargo not found: install a Rust toolchain (rustup) first"
     fi
 fi
 

@@ -84,7 +84,7 @@ pub enum Error {
     #[error("Bitmap name too long: {0}")]
     NameTooLongTransient(String),
     /// The requested granularity is not a power of two ≥ 512.
-    #[error("Granularity must be power of 2, and at least 512")]
+    #[error("Granularity must be power of 2 and at least 512")]
     BadGranularity,
     /// A new persistent bitmap cannot be stored in this image.
     #[error("Can't make bitmap '{name}' persistent in '{node}': {reason}")]

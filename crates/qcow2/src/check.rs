@@ -39,9 +39,9 @@ pub struct CheckReport {
     pub leaks_fixed: u64,
     /// One line per problem, in QEMU's words where it has them.
     pub messages: Vec<String>,
-    /// Host clusters in use.
+    /// Host clusters referenced by metadata.
     pub allocated_clusters: u64,
-    /// End of the last used cluster.
+    /// End of the last cluster with a reference or a refcount (as QEMU reports it).
     pub image_end_offset: u64,
 }
 
@@ -370,6 +370,8 @@ pub fn check_image(img: &Qcow2Image, repair: Repair) -> Result<CheckReport> {
         let have = m.refcount(c)?;
         if want > 0 {
             allocated += 1;
+        }
+        if want > 0 || have > 0 {
             end = (c + 1) * cs;
         }
         if have == want {

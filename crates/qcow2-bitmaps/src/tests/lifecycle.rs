@@ -346,7 +346,7 @@ fn add_checks_follow_qemu() {
     for g in [0, 256, 3000, 65535] {
         assert_eq!(
             set.add(&img, "x", opts(g)).unwrap_err().to_string(),
-            "Granularity must be power of 2, and at least 512"
+            "Granularity must be power of 2 and at least 512"
         );
     }
     set.add(&img, "a", AddOptions::default()).unwrap();
