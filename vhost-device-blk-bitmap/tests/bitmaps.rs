@@ -470,3 +470,83 @@ fn binary_stores_on_disconnect_sigterm_and_errors_and_survives_sigkill() {
     assert_eq!(bitmap_dirty_extents(&img, "b0").unwrap(), vec![]);
     e2e::qemu_img_check(&img).unwrap();
 }
+
+/// A tracker whose `on_frontend_connected` is slow; a mark before it finished is a
+/// violation of the ordering the bitmaps need (in-use on disk before any write).
+#[derive(Debug, Default)]
+struct SlowConnect {
+    ready: std::sync::atomic::AtomicBool,
+    early_marks: std::sync::atomic::AtomicU32,
+    marks: std::sync::atomic::AtomicU32,
+}
+
+impl WriteTracker for SlowConnect {
+    fn mark(&self, _offset: u64, _len: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.marks.fetch_add(1, SeqCst);
+        if !self.ready.load(SeqCst) {
+            self.early_marks.fetch_add(1, SeqCst);
+        }
+    }
+    fn on_frontend_connected(&self) -> Result<(), vhost_device_blk_bitmap::tracker::TrackerError> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn on_frontend_disconnected(
+        &self,
+    ) -> Result<(), vhost_device_blk_bitmap::tracker::TrackerError> {
+        self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn on_shutdown(&self) -> Result<(), vhost_device_blk_bitmap::tracker::TrackerError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn no_request_is_served_before_the_tracker_is_ready() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let tracker = Arc::new(SlowConnect::default());
+    let daemon = common::TestDaemon::start_full(1, |i| i, tracker.clone());
+    for round in 0..2 {
+        let mut d = Driver::connect(&daemon.socket, 1);
+        guest_write(&mut d, 4096 * (round + 1), 0x11);
+        drop(d);
+        wait_until("the disconnect", || !tracker.ready.load(SeqCst));
+    }
+    daemon.stop().unwrap();
+    assert_eq!(tracker.marks.load(SeqCst), 2);
+    assert_eq!(tracker.early_marks.load(SeqCst), 0);
+}
+
+#[test]
+fn read_only_and_raw_images() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path());
+    let socket = dir.path().join("vhost.sock");
+    add_bitmap(&img, "b0", K64, &[]);
+    // Read-only: the bitmaps are loaded but never touched, not even flagged in-use.
+    let mut daemon = Daemon::spawn(&socket, &img, &["--readonly"]).listening(&socket);
+    let d = Driver::connect(&socket, 1);
+    assert_eq!(flags(&img, "b0"), strs(&["auto"]));
+    drop(d);
+    daemon.signal(libc::SIGTERM);
+    let (st, log) = daemon.finish(20);
+    assert!(st.success(), "{log}");
+    assert_eq!(flags(&img, "b0"), strs(&["auto"]));
+    e2e::qemu_img_check(&img).unwrap();
+    // Raw images cannot hold bitmaps.
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let mut daemon = Daemon::spawn(&socket, &raw, &["--bitmap", "b0"]);
+    let (st, log) = daemon.finish(20);
+    assert_eq!(st.code(), Some(1), "{log}");
+    assert!(
+        log.contains("--bitmap needs a writable qcow2 image") && log.contains("is a raw image"),
+        "{log}"
+    );
+}
