@@ -134,35 +134,61 @@ impl Storage for FileStorage {
 }
 
 /// An in-memory storage, for tests and scratch images.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemStorage {
     data: std::sync::RwLock<Vec<u8>>,
+    max_len: u64,
+}
+
+/// How large a [`MemStorage`] may grow unless told otherwise.
+pub const MEM_STORAGE_DEFAULT_MAX: u64 = 1 << 30;
+
+impl Default for MemStorage {
+    fn default() -> Self {
+        Self::with_max_len(MEM_STORAGE_DEFAULT_MAX)
+    }
 }
 
 impl MemStorage {
-    /// An empty store.
+    /// An empty store that may grow to [`MEM_STORAGE_DEFAULT_MAX`] bytes.
     pub fn new() -> Self {
         Self::default()
+    }
+    /// An empty store that refuses (with `EFBIG`) to grow past `max_len` bytes, so a
+    /// hostile image cannot make it allocate without bound.
+    pub fn with_max_len(max_len: u64) -> Self {
+        MemStorage {
+            data: Default::default(),
+            max_len,
+        }
     }
     /// A copy of the contents.
     pub fn snapshot(&self) -> Vec<u8> {
         self.data.read().unwrap().clone()
+    }
+    fn bounded(&self, end: Option<u64>) -> io::Result<usize> {
+        match end {
+            Some(end) if end <= self.max_len => Ok(end as usize),
+            _ => Err(io::Error::from_raw_os_error(libc::EFBIG)),
+        }
     }
 }
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let data = self.data.read().unwrap();
-        let start = (offset as usize).min(data.len());
-        let end = (offset as usize).saturating_add(buf.len()).min(data.len());
+        let start = offset.min(data.len() as u64) as usize;
+        let end = offset
+            .saturating_add(buf.len() as u64)
+            .min(data.len() as u64) as usize;
         let n = end - start;
         buf[..n].copy_from_slice(&data[start..end]);
         buf[n..].fill(0);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = self.bounded(offset.checked_add(buf.len() as u64))?;
         let mut data = self.data.write().unwrap();
-        let end = offset as usize + buf.len();
         if data.len() < end {
             data.resize(end, 0);
         }
@@ -173,10 +199,30 @@ impl Storage for MemStorage {
         Ok(self.data.read().unwrap().len() as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.data.write().unwrap().resize(len as usize, 0);
+        let len = self.bounded(Some(len))?;
+        self.data.write().unwrap().resize(len, 0);
         Ok(())
     }
     fn sync(&self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_storage_refuses_to_grow_past_its_bound() {
+        let m = MemStorage::with_max_len(4096);
+        m.write_at(&[1; 96], 4000).unwrap();
+        let e = m.write_at(&[1; 97], 4000).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFBIG));
+        assert!(m.write_at(&[1], u64::MAX).is_err());
+        assert!(m.set_len(1 << 40).is_err());
+        assert_eq!(m.len().unwrap(), 4096);
+        let mut b = [9u8; 8];
+        m.read_at(&mut b, u64::MAX - 2).unwrap();
+        assert_eq!(b, [0; 8]);
     }
 }
