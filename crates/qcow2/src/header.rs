@@ -297,9 +297,11 @@ impl Header {
         }
         h.parse_extensions(buf)?;
         if h.backing_file_offset != 0 {
+            let name_end = h
+                .backing_file_offset
+                .checked_add(u64::from(h.backing_file_size));
             if h.backing_file_size > MAX_BACKING_NAME
-                || h.backing_file_offset + u64::from(h.backing_file_size) > cluster_size
-                || h.backing_file_offset + u64::from(h.backing_file_size) > buf.len() as u64
+                || name_end.is_none_or(|e| e > cluster_size || e > buf.len() as u64)
             {
                 return Err(invalid("Backing file name too long"));
             }
@@ -467,6 +469,15 @@ mod tests {
         let buf = h.serialize().unwrap();
         let e = Header::parse(&buf, 1 << 20).unwrap_err().to_string();
         assert!(e.contains("Unsupported qcow2 feature"), "{e}");
+    }
+
+    #[test]
+    fn backing_name_offset_near_u64_max_is_an_error() {
+        let mut buf = sample().serialize().unwrap();
+        buf[8..16].copy_from_slice(&(u64::MAX - 1).to_be_bytes());
+        buf[16..20].copy_from_slice(&16u32.to_be_bytes());
+        let e = Header::parse(&buf, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("Backing file name"), "{e}");
     }
 
     #[test]
