@@ -4,10 +4,11 @@
 //! The binary is taken from `$E2E_DAEMON_BIN` when set. Otherwise it is
 //! `target/<profile>/vhost-device-blk-bitmap` next to the running test executable (the
 //! profile directory of `cargo test` / `cargo test --release`). When that file is missing
-//! or older than any source of the daemon and its workspace crates, it is built once per
-//! test process with `cargo build -p vhost-device-blk-bitmap --bin vhost-device-blk-bitmap`
-//! (`--release` for the release directory). `cargo test --workspace` has already built it
-//! for the daemon's own tests, so then nothing is rebuilt.
+//! or older than any source of the daemon and its workspace crates (`src/`, `Cargo.toml`),
+//! it is built once per test process with
+//! `cargo build -p vhost-device-blk-bitmap --bin vhost-device-blk-bitmap` (`--release` for
+//! the release directory). `cargo test --workspace` has already built it for the daemon's
+//! own tests, so then nothing is rebuilt.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,41 +108,40 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Newest modification time of the `.rs`/`.toml` files under `dir` (no `target`).
-fn newest_source(dir: &Path, newest: &mut SystemTime) {
+/// Newest modification time of the files under `dir` (recursively).
+fn newest_file(dir: &Path, newest: &mut SystemTime) {
     let Ok(entries) = std::fs::read_dir(dir) else {
+        if let Some(t) = mtime(dir) {
+            *newest = (*newest).max(t);
+        }
         return;
     };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
-            if p.file_name().is_some_and(|n| n != "target") {
-                newest_source(&p, newest);
-            }
-        } else if p
-            .extension()
-            .is_some_and(|x| x == "rs" || x == "toml" || x == "lock")
-        {
-            if let Some(t) = mtime(&p) {
-                *newest = (*newest).max(t);
-            }
+            newest_file(&p, newest);
+        } else if let Some(t) = mtime(&p) {
+            *newest = (*newest).max(t);
         }
     }
 }
 
-/// The binary exists and is newer than every source it is built from.
+/// The binary exists and is newer than every source it is built from: `src/` and
+/// `Cargo.toml` of the daemon and of every crate under `crates/`, and the root
+/// `Cargo.toml` (tests, benches and `Cargo.lock` are not looked at).
 fn is_fresh(bin: &Path) -> bool {
     let Some(built) = mtime(bin) else {
         return false;
     };
     let root = workspace_root();
-    let mut newest = SystemTime::UNIX_EPOCH;
-    newest_source(&root.join(DAEMON_BIN_NAME), &mut newest);
-    newest_source(&root.join("crates"), &mut newest);
-    for f in ["Cargo.toml", "Cargo.lock"] {
-        if let Some(t) = mtime(&root.join(f)) {
-            newest = newest.max(t);
-        }
+    let mut packages = vec![root.join(DAEMON_BIN_NAME)];
+    if let Ok(entries) = std::fs::read_dir(root.join("crates")) {
+        packages.extend(entries.flatten().map(|e| e.path()));
+    }
+    let mut newest = mtime(&root.join("Cargo.toml")).unwrap_or(SystemTime::UNIX_EPOCH);
+    for p in packages {
+        newest_file(&p.join("src"), &mut newest);
+        newest_file(&p.join("Cargo.toml"), &mut newest);
     }
     built >= newest
 }
