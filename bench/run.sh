@@ -9,11 +9,13 @@
 # disk:  images in /var/tmp (on the root disk); our daemon with --direct,
 #        qemu-storage-daemon with cache.direct=on, fio with direct=1 on a raw file.
 #
-# Environment: SERVERS (default "ours qsd"; also ours-bitmap, fio), RUNS (3),
+# Environment: SERVERS (default "ours qsd"; see start_server for all, and fio), RUNS (3),
 # RUNTIME (10 s measured per job), RAMP (1 s), JOBS (vhost-blk-bench --jobs list),
 # DIR (image folder), OURS / BENCH (binaries; default target/release).
 # Every run starts from a fresh copy of a fully allocated 1 GiB qcow2 image
-# (64 KiB clusters), so servers and runs see the same on-disk state.
+# (64 KiB clusters; made with qemu-img + qemu-io) or, for ours-raw, of a 1 GiB raw file
+# of random bytes, so servers and runs see the same on-disk state. fio runs on its own
+# 1 GiB raw file of random bytes in the same folder.
 set -euo pipefail
 
 MODE=${1:?usage: bench/run.sh tmpfs|disk OUT}
@@ -48,7 +50,6 @@ disk)
 esac
 mkdir -p "$DIR"
 SOCK=$DIR/vhost.sock
-IMG=$DIR/img.qcow2
 
 for tool in qemu-img qemu-io; do
     command -v $tool >/dev/null || { echo "missing $tool" >&2; exit 1; }
@@ -60,6 +61,12 @@ if [ ! -f "$DIR/base.qcow2" ]; then
     qemu-io -f qcow2 -c "write -P 0x5a 0 $SIZE" "$DIR/base.tmp" >/dev/null
     mv "$DIR/base.tmp" "$DIR/base.qcow2"
 fi
+if [ ! -f "$DIR/base.raw" ]; then
+    dd if=/dev/urandom of="$DIR/base.tmp" bs=1M count=1024 status=none
+    mv "$DIR/base.tmp" "$DIR/base.raw"
+fi
+[ -f "$DIR/fio.raw" ] || cp "$DIR/base.raw" "$DIR/fio.raw"
+sync
 
 PID=
 cleanup() {
@@ -77,36 +84,38 @@ wait_socket() {
     exit 1
 }
 
-fresh_image() {
-    cp "$DIR/base.qcow2" "$IMG"
-    sync
+qsd_start() { # $1: cache.direct value
+    qemu-storage-daemon \
+        --blockdev driver=file,node-name=file0,filename="$IMG",cache.direct=$1 \
+        --blockdev driver=qcow2,node-name=disk0,file=file0 \
+        --export type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path="$SOCK",writable=on,num-queues=1 \
+        >"$DIR/server.log" 2>&1 &
 }
 
+# Server names: ours, ours-bitmap (qcow2 + --bitmap b0), ours-buffered (never --direct),
+# ours-raw (raw image), qsd, qsd-bitmap, qsd-buffered (cache.direct=off).
 start_server() {
     rm -f "$SOCK"
+    IMG=$DIR/img.qcow2
     case $1 in
-    ours)
-        "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" >"$DIR/server.log" 2>&1 &
+    ours-raw)
+        IMG=$DIR/img.raw
+        cp "$DIR/base.raw" "$IMG"
         ;;
-    ours-bitmap)
-        qemu-img bitmap --add "$IMG" b0
-        "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" --bitmap b0 >"$DIR/server.log" 2>&1 &
+    *)
+        cp "$DIR/base.qcow2" "$IMG"
         ;;
-    qsd)
-        qemu-storage-daemon \
-            --blockdev driver=file,node-name=file0,filename="$IMG",cache.direct=$QSD_DIRECT \
-            --blockdev driver=qcow2,node-name=disk0,file=file0 \
-            --export type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path="$SOCK",writable=on,num-queues=1 \
-            >"$DIR/server.log" 2>&1 &
-        ;;
-    qsd-bitmap)
-        qemu-img bitmap --add "$IMG" b0
-        qemu-storage-daemon \
-            --blockdev driver=file,node-name=file0,filename="$IMG",cache.direct=$QSD_DIRECT \
-            --blockdev driver=qcow2,node-name=disk0,file=file0 \
-            --export type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path="$SOCK",writable=on,num-queues=1 \
-            >"$DIR/server.log" 2>&1 &
-        ;;
+    esac
+    case $1 in
+    *-bitmap*) qemu-img bitmap --add "$IMG" b0 ;;
+    esac
+    sync
+    case $1 in
+    ours | ours-raw) "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" >"$DIR/server.log" 2>&1 & ;;
+    ours-buffered) "$OURS" --socket-path "$SOCK" --image "$IMG" >"$DIR/server.log" 2>&1 & ;;
+    ours-bitmap) "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" --bitmap b0 >"$DIR/server.log" 2>&1 & ;;
+    qsd | qsd-bitmap) qsd_start $QSD_DIRECT ;;
+    qsd-buffered) qsd_start off ;;
     *)
         echo "unknown server $1" >&2
         exit 2
@@ -140,14 +149,9 @@ for run in $(seq "$RUNS"); do
     for s in $SERVERS; do
         echo "# run $run/$RUNS: $s ($MODE), $(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT"
         if [ "$s" = fio ]; then
-            if [ ! -f "$DIR/fio.raw" ]; then
-                dd if=/dev/urandom of="$DIR/fio.raw" bs=1M count=1024 status=none
-                sync
-            fi
             run_fio "fio-$MODE"
             continue
         fi
-        fresh_image
         start_server "$s"
         "$BENCH" --socket "$SOCK" --pid "$PID" --runtime "$RUNTIME" --ramp "$RAMP" \
             --jobs "$JOBS" --label "$s-$MODE" | tee -a "$OUT"
