@@ -220,6 +220,7 @@ impl Qcow2Image {
             l1_dirty: Default::default(),
             l2_cache: TableCache::new(l2_cap),
             reftable,
+            reftable_dirty: Default::default(),
             rb_cache: TableCache::new(rb_cap),
             free_hint: 1,
             alloc_end: file_len.div_ceil(cs),

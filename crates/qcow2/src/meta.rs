@@ -59,6 +59,8 @@ pub(crate) struct Meta {
     pub l1_dirty: BTreeSet<usize>,
     pub l2_cache: TableCache,
     pub reftable: Vec<u64>,
+    /// Refcount table entries changed in memory, not yet written.
+    pub reftable_dirty: BTreeSet<usize>,
     pub rb_cache: TableCache,
     /// Lowest cluster index that may be free.
     pub free_hint: u64,
@@ -219,7 +221,8 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes every dirty refcount block.
+    /// Writes every dirty refcount block, then (after a sync, so the blocks they point
+    /// at are durable) the refcount table entries of new blocks.
     pub fn write_refblocks(&mut self) -> Result<()> {
         for off in self.rb_cache.dirty_offsets() {
             let data = self.rb_cache.peek(off).unwrap();
@@ -227,6 +230,16 @@ impl Meta {
                 .write_at(data, off.0)
                 .ctx(|| format!("writing refcount block at {off}"))?;
             self.rb_cache.mark_clean(off);
+            self.refcounts_unsynced = true;
+        }
+        if !self.reftable_dirty.is_empty() {
+            self.sync()?;
+            for t in std::mem::take(&mut self.reftable_dirty) {
+                let entry = self.reftable[t].to_be_bytes();
+                self.storage
+                    .write_at(&entry, self.header.refcount_table_offset + t as u64 * 8)
+                    .ctx(|| "writing a refcount table entry".into())?;
+            }
             self.refcounts_unsynced = true;
         }
         Ok(())
@@ -257,62 +270,97 @@ impl Meta {
     }
 
     /// Allocates `n` contiguous clusters with refcount 1 and returns the first index.
+    ///
+    /// Clusters no refcount block covers count as free. When the run needs new refcount
+    /// blocks, they are placed right before it (so they never split it) and count
+    /// themselves; their table entries are written by the next write-back.
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         if n == 0 {
             return Err(Error::InvalidImage("zero-cluster allocation".into()));
         }
-        'retry: loop {
-            let start = self.find_free_run(n)?;
-            let e = self.rb_entries();
-            let mut c = start;
-            while c < start + n {
-                if self.refblock_of(c).is_none() {
-                    self.create_refblock(c)?;
-                    continue 'retry;
+        let e = self.rb_entries();
+        let mut extra = 0u64;
+        loop {
+            let start = self.find_free_run(n + extra)?;
+            // Blocks missing for [start, start + m + n) when m new blocks go first.
+            let mut m = 0u64;
+            let missing = loop {
+                let end = start + m + n;
+                let missing: Vec<u64> = (start / e..=(end - 1) / e)
+                    .filter(|&b| {
+                        self.reftable
+                            .get(b as usize)
+                            .is_none_or(|x| x & REFT_OFFSET_MASK == 0)
+                    })
+                    .collect();
+                if missing.len() as u64 == m {
+                    break missing;
                 }
-                c = (c / e + 1) * e;
+                m = missing.len() as u64;
+            };
+            if m > extra {
+                // The free run is too short to hold the new blocks too: look again.
+                extra = m;
+                continue;
             }
-            for c in start..start + n {
+            if let Some(&max) = missing.last() {
+                if max as usize >= self.reftable.len() {
+                    self.grow_reftable(max)?;
+                    // Growing allocated clusters and maybe blocks: start over.
+                    continue;
+                }
+            }
+            self.place_refblocks(start, &missing)?;
+            let first = start + m;
+            for c in first..first + n {
                 self.set_refcount(c, 1)?;
             }
             if start <= self.free_hint {
-                self.free_hint = start + n;
+                self.free_hint = first + n;
             }
-            self.alloc_end = self.alloc_end.max(start + n);
-            return Ok(start);
+            self.alloc_end = self.alloc_end.max(first + n);
+            return Ok(first);
         }
     }
 
-    /// Creates the refcount block covering cluster `c`, placing it at `c` itself (every
-    /// cluster of an uncovered block is free), so that it counts itself.
-    fn create_refblock(&mut self, c: u64) -> Result<()> {
-        let t = c / self.rb_entries();
-        if t as usize >= self.reftable.len() {
-            self.grow_reftable(t)?;
-            // Growing may have placed new blocks that now cover `c`.
-            if self.refblock_of(c).is_some() {
-                return Ok(());
-            }
+    /// Writes new refcount blocks for block indices `blocks` at clusters `at..`, each
+    /// counting whichever of the new blocks it covers.
+    fn place_refblocks(&mut self, at: u64, blocks: &[u64]) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
         }
         let cs = self.cluster_size();
-        let mut block = vec![0u8; cs as usize].into_boxed_slice();
-        Self::rb_set(self.refcount_bits(), &mut block, c % self.rb_entries(), 1);
-        self.storage
-            .write_at(&block, c * cs)
-            .ctx(|| "writing a new refcount block".into())?;
-        // The block must be durable before the refcount table points at it.
-        self.sync()?;
-        self.reftable[t as usize] = c * cs;
-        let entry = (c * cs).to_be_bytes();
-        self.storage
-            .write_at(&entry, self.header.refcount_table_offset + t * 8)
-            .ctx(|| "writing a refcount table entry".into())?;
-        self.refcounts_unsynced = true;
-        if self.rb_cache.needs_writeback() {
-            self.write_refblocks()?;
+        let e = self.rb_entries();
+        let bits = self.refcount_bits();
+        let m = blocks.len() as u64;
+        for (i, &b) in blocks.iter().enumerate() {
+            let mut block = vec![0u8; cs as usize].into_boxed_slice();
+            for y in at..at + m {
+                if y / e == b {
+                    Self::rb_set(bits, &mut block, y % e, 1);
+                }
+            }
+            let x = at + i as u64;
+            self.storage
+                .write_at(&block, x * cs)
+                .ctx(|| "writing a new refcount block".into())?;
+            self.refcounts_unsynced = true;
+            if self.rb_cache.needs_writeback() {
+                self.write_refblocks()?;
+            }
+            self.rb_cache.insert(HostOffset(x * cs), block, false);
+            // The table entry is written by the next write-back, after a sync has made
+            // the block durable.
+            self.reftable[b as usize] = x * cs;
+            self.reftable_dirty.insert(b as usize);
         }
-        self.rb_cache.insert(HostOffset(c * cs), block, false);
-        self.alloc_end = self.alloc_end.max(c + 1);
+        // New blocks that an existing block covers are counted there.
+        for y in at..at + m {
+            if !blocks.contains(&(y / e)) {
+                self.set_refcount(y, 1)?;
+            }
+        }
+        self.alloc_end = self.alloc_end.max(at + m);
         Ok(())
     }
 
@@ -391,6 +439,8 @@ impl Meta {
             }
         }
         self.write_refblocks()?;
+        // The new table is written whole: no entry is pending any more.
+        self.reftable_dirty.clear();
         let mut buf = Vec::with_capacity((t_clusters * cs) as usize);
         for x in &self.reftable {
             buf.extend_from_slice(&x.to_be_bytes());

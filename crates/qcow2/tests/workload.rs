@@ -44,8 +44,17 @@ fn run_workload(seed: u64, n: usize, cluster: u64, refbits: u32, v3: bool, backi
     {
         let img = Qcow2Image::open(&p, &OpenOptions::default()).unwrap();
         let each = std::env::var("WORKLOAD_CHECK_EACH").is_ok();
+        let trace = std::env::var("WORKLOAD_TRACE").is_ok();
         for (i, op) in ops.iter().enumerate() {
+            let t0 = std::time::Instant::now();
             execute(&img, op);
+            if trace {
+                eprintln!(
+                    "op {i} {op:?} {:?} file {}",
+                    t0.elapsed(),
+                    std::fs::metadata(&p).unwrap().len()
+                );
+            }
             model.apply(op);
             if each {
                 if let Some(b) = first_diff(&read_all(&img), &model.data) {
