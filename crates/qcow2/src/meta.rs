@@ -250,17 +250,22 @@ impl Meta {
         let e = self.rb_entries();
         let mut start = self.free_hint.max(1);
         let mut c = start;
+        let mut first_free = None;
         loop {
             if c - start == n {
+                // Everything before the first free cluster seen is in use.
+                self.free_hint = first_free.unwrap_or(start);
                 return Ok(start);
             }
             if self.refblock_of(c).is_none() {
                 // A whole uncovered block is free.
+                first_free.get_or_insert(c);
                 let block_end = (c / e + 1) * e;
                 c = block_end.min(start + n);
                 continue;
             }
             if self.refcount(c)? == 0 {
+                first_free.get_or_insert(c);
                 c += 1;
             } else {
                 c += 1;
@@ -315,7 +320,7 @@ impl Meta {
             for c in first..first + n {
                 self.set_refcount(c, 1)?;
             }
-            if start <= self.free_hint {
+            if (start..first + n).contains(&self.free_hint) {
                 self.free_hint = first + n;
             }
             self.alloc_end = self.alloc_end.max(first + n);
