@@ -630,18 +630,20 @@ fn power_loss_v2() {
 // ---- I/O errors ----------------------------------------------------------------------
 
 /// Fails the Nth write/sync/set_len with EIO — only that one (`sticky` false: a
-/// transient error) or every one from then on (a dead disk).
+/// transient error) or every one from then on (a dead disk). With `only_len`, only
+/// writes of exactly that many bytes count (8: refcount table entries).
 #[derive(Debug)]
 struct FailStorage {
     inner: MemStorage,
     calls: AtomicU64,
     fail_at: u64,
     sticky: bool,
+    only_len: Option<usize>,
     failed: AtomicBool,
 }
 
 impl FailStorage {
-    fn new(bytes: &[u8], fail_at: u64, sticky: bool) -> Self {
+    fn new(bytes: &[u8], fail_at: u64, sticky: bool, only_len: Option<usize>) -> Self {
         let inner = MemStorage::new();
         inner.write_at(bytes, 0).unwrap();
         FailStorage {
@@ -649,11 +651,15 @@ impl FailStorage {
             calls: AtomicU64::new(0),
             fail_at,
             sticky,
+            only_len,
             failed: AtomicBool::new(false),
         }
     }
 
-    fn tick(&self) -> io::Result<()> {
+    fn tick(&self, len: Option<usize>) -> io::Result<()> {
+        if self.only_len.is_some() && self.only_len != len {
+            return Ok(());
+        }
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         if n == self.fail_at || (self.sticky && n > self.fail_at) {
             self.failed.store(true, Ordering::SeqCst);
@@ -668,30 +674,36 @@ impl Storage for FailStorage {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.tick()?;
+        self.tick(Some(buf.len()))?;
         self.inner.write_at(buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.tick()?;
+        self.tick(None)?;
         self.inner.set_len(len)
     }
     fn sync(&self) -> io::Result<()> {
-        self.tick()
+        self.tick(None)
     }
 }
 
 /// Runs the workload over a storage failing at call `fail_at`; returns the bytes left.
-fn eio_case(cfg: &Config, path: &Path, model: &Model, ops: &[Op], fail_at: u64, sticky: bool) {
+fn eio_case(
+    cfg: &Config,
+    path: &Path,
+    model: &Model,
+    ops: &[Op],
+    (fail_at, sticky, only_len): (u64, bool, Option<usize>),
+) {
     let what = format!(
         "{} EIO at call {fail_at} ({})",
         cfg.name,
         if sticky { "sticky" } else { "transient" }
     );
     let bytes = initial_bytes(path);
-    let storage = Arc::new(FailStorage::new(&bytes, fail_at, sticky));
+    let storage = Arc::new(FailStorage::new(&bytes, fail_at, sticky, only_len));
     // Per op: did it succeed.
     let mut results = Vec::new();
     let mut last_flush = None;
@@ -763,7 +775,7 @@ fn eio_case(cfg: &Config, path: &Path, model: &Model, ops: &[Op], fail_at: u64, 
     check_crashed(&what, &crash, &e, false);
 }
 
-fn eio_run(cfg: &Config, seed: u64, points: usize) {
+fn eio_run(cfg: &Config, seed: u64, points: usize, only_len: Option<usize>) {
     if !common::require_tool("qemu-img") {
         return;
     }
@@ -772,7 +784,7 @@ fn eio_run(cfg: &Config, seed: u64, points: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (path, model) = make_image(dir.path(), cfg);
     let ops = generate(seed, cfg.ops, cfg.size, cfg.cluster);
-    let counter = Arc::new(FailStorage::new(&initial_bytes(&path), 0, false));
+    let counter = Arc::new(FailStorage::new(&initial_bytes(&path), 0, false, only_len));
     {
         let img = Qcow2Image::open_storage(counter.clone(), &OpenOptions::default()).unwrap();
         for op in &ops {
@@ -782,8 +794,13 @@ fn eio_run(cfg: &Config, seed: u64, points: usize) {
     let calls = counter.calls.load(Ordering::SeqCst);
     let mut rng = StdRng::seed_from_u64(seed);
     for k in 0..points {
-        let fail_at = rng.gen_range(1..=calls);
-        eio_case(cfg, &path, &model, &ops, fail_at, k % 2 == 0);
+        let fail_at = if only_len.is_some() {
+            // Every counted write in turn, each both transient and sticky.
+            (k / 2) as u64 % calls + 1
+        } else {
+            rng.gen_range(1..=calls)
+        };
+        eio_case(cfg, &path, &model, &ops, (fail_at, k % 2 == 0, only_len));
     }
     eprintln!(
         "{}: {points} EIO cases out of {calls} storage calls, {:.1} s",
@@ -794,12 +811,12 @@ fn eio_run(cfg: &Config, seed: u64, points: usize) {
 
 #[test]
 fn eio_64k_clusters() {
-    eio_run(&Config { ops: 80, ..C64K }, 201, 40);
+    eio_run(&Config { ops: 80, ..C64K }, 201, 40, None);
 }
 
 #[test]
 fn eio_512b_clusters_1bit_refcounts() {
-    eio_run(&Config { ops: 80, ..C512 }, 202, 40);
+    eio_run(&Config { ops: 80, ..C512 }, 202, 40, None);
 }
 
 /// `check` walks the clusters of the file and the refcount blocks that exist, not every
