@@ -234,11 +234,14 @@ impl Meta {
         }
         if !self.reftable_dirty.is_empty() {
             self.sync()?;
-            for t in std::mem::take(&mut self.reftable_dirty) {
+            // An entry stays pending until its write succeeded: after an error the
+            // next write-back retries it (and nothing that depends on it is written).
+            while let Some(&t) = self.reftable_dirty.first() {
                 let entry = self.reftable[t].to_be_bytes();
                 self.storage
                     .write_at(&entry, self.header.refcount_table_offset + t as u64 * 8)
                     .ctx(|| "writing a refcount table entry".into())?;
+                self.reftable_dirty.remove(&t);
             }
             self.refcounts_unsynced = true;
         }

@@ -835,3 +835,20 @@ fn check_cost_follows_the_file_not_the_refcount_table() {
     let took = t.elapsed();
     assert!(took < Duration::from_millis(1500), "3 checks took {took:?}");
 }
+
+/// The 8-byte writes are refcount table entries (new refcount blocks being hooked in):
+/// an error there must leave the entry pending, not forgotten, or the L2 tables written
+/// later reference clusters whose refcounts live in a block the file's table does not
+/// know (thousands of corruptions).
+#[test]
+fn eio_on_refcount_table_entry_writes() {
+    // 64-bit refcounts: a refcount block covers only 64 clusters, so new blocks (and
+    // table entries) are needed all the time.
+    let cfg = Config {
+        name: "512b-64bit",
+        refbits: 64,
+        ops: 80,
+        ..C512
+    };
+    eio_run(&cfg, 203, 24, Some(8));
+}
