@@ -441,6 +441,7 @@ impl Qcow2Image {
                 let at = (pos - offset) as usize;
                 match m.mapping(gc)? {
                     Mapping::Normal(h, true) => {
+                        m.check_data_cluster(h)?;
                         match direct.last_mut() {
                             Some((hh, a, l))
                                 if *hh + *l as u64 == h.0 + in_off && *a + *l == at =>
@@ -483,7 +484,10 @@ impl Qcow2Image {
                     }
                     old => {
                         let (host, reuse) = match old {
-                            Mapping::Zero(Some(h), true) => (h.0, true),
+                            Mapping::Zero(Some(h), true) => {
+                                m.check_data_cluster(h)?;
+                                (h.0, true)
+                            }
                             _ => (m.alloc_clusters(1)? * cs, false),
                         };
                         let mut buf = vec![0u8; cs as usize];

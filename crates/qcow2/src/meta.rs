@@ -690,6 +690,28 @@ impl Meta {
 
     // ---- overlap checks ----------------------------------------------------------
 
+    /// Constant-time check (as QEMU's cached overlap checks) that a guest write about to
+    /// go to host cluster `h` does not hit the header, the active L1 table or the
+    /// refcount table; a hostile image whose L2 entries point there is marked corrupt.
+    pub fn check_data_cluster(&mut self, h: HostOffset) -> Result<()> {
+        let cs = self.cluster_size();
+        let l1 = (
+            self.header.l1_table_offset,
+            u64::from(self.header.l1_size) * 8,
+        );
+        let rt = (
+            self.header.refcount_table_offset,
+            u64::from(self.header.refcount_table_clusters) * cs,
+        );
+        let hits = |(s, l): (u64, u64)| l != 0 && h.0 < s + l && s < h.0 + cs;
+        if h.0 < cs || hits(l1) || hits(rt) {
+            return Err(self.corrupt(format!(
+                "data cluster at {h} overlaps the header, L1 table or refcount table"
+            )));
+        }
+        Ok(())
+    }
+
     /// Fails if `[off, off+len)` overlaps metadata the engine owns.
     pub fn overlap_check(&mut self, off: u64, len: u64) -> Result<()> {
         let cs = self.cluster_size();

@@ -40,41 +40,80 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 }
 
 /// A regular file or block device.
+///
+/// With `direct`, a second descriptor opened with O_DIRECT carries every request whose
+/// buffer, offset and length are aligned to [`DIRECT_ALIGN`] (the data path with the
+/// daemon's aligned buffers); the rest (small metadata updates, header) goes through the
+/// buffered descriptor. Linux keeps the two coherent: a direct read writes back cached
+/// pages of its range first, a direct write invalidates them.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    direct: Option<File>,
+}
+
+/// Alignment of buffer address, offset and length for O_DIRECT requests.
+pub const DIRECT_ALIGN: usize = 512;
+
+fn direct_ok(ptr: *const u8, len: usize, offset: u64) -> bool {
+    (ptr as usize | len) % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0 && len > 0
 }
 
 impl FileStorage {
-    /// Opens `path`; `direct` adds O_DIRECT (callers then must use aligned buffers).
+    /// Opens `path`; `direct` adds an O_DIRECT descriptor for aligned requests.
     pub fn open(path: &Path, writable: bool, direct: bool) -> io::Result<Self> {
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(writable);
-        if direct {
-            opts.custom_flags(libc::O_DIRECT);
-        }
-        Ok(FileStorage {
-            file: opts.open(path)?,
-        })
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let direct = if direct {
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(writable)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)?,
+            )
+        } else {
+            None
+        };
+        Ok(FileStorage { file, direct })
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File) -> Self {
-        FileStorage { file }
+        FileStorage { file, direct: None }
+    }
+
+    /// The descriptor for a request: O_DIRECT when it is aligned.
+    fn fd_for(&self, ptr: *const u8, len: usize, offset: u64) -> &File {
+        match &self.direct {
+            Some(d) if direct_ok(ptr, len, offset) => d,
+            _ => &self.file,
+        }
     }
 }
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut file = self.fd_for(buf.as_ptr(), buf.len(), offset);
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
                 }
-                Ok(n) => done += n,
+                // A short direct read leaves an unaligned rest: finish it buffered.
+                Ok(n) => {
+                    done += n;
+                    file = &self.file;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A device with a larger logical block size refuses 512-byte direct I/O.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINVAL)
+                        && !std::ptr::eq(file, &self.file) =>
+                {
+                    file = &self.file;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -82,7 +121,14 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        let file = self.fd_for(buf.as_ptr(), buf.len(), offset);
+        match file.write_all_at(buf, offset) {
+            // A device with a larger logical block size refuses 512-byte direct I/O.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !std::ptr::eq(file, &self.file) => {
+                self.file.write_all_at(buf, offset)
+            }
+            r => r,
+        }
     }
 
     fn len(&self) -> io::Result<u64> {

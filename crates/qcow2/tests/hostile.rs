@@ -9,7 +9,9 @@ mod common;
 
 use proptest::prelude::*;
 use qcow2::header::Header;
-use qcow2::{BlockImage, CreateOptions, MemStorage, OpenOptions, Qcow2Image, Repair, Storage};
+use qcow2::{
+    create, BlockImage, CreateOptions, MemStorage, OpenOptions, Qcow2Image, Repair, Storage,
+};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
@@ -711,5 +713,50 @@ proptest! {
             img[w * 4..w * 4 + 4].copy_from_slice(&v.to_be_bytes());
         }
         exercise_bytes(&img);
+    }
+}
+
+/// A guest write through an L2 entry that points at metadata is refused (the image is
+/// marked corrupt) instead of overwriting the L1 or refcount table.
+#[test]
+fn guest_writes_never_land_on_metadata() {
+    // (Offset 0, the header, means "unallocated" in an L2 entry.)
+    for target in ["l1", "reftable"] {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.qcow2");
+        create(
+            &p,
+            &CreateOptions {
+                size: 8 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        {
+            let img = Qcow2Image::open(&p, &OpenOptions::default()).unwrap();
+            img.write_at(&[1; 4096], 0).unwrap();
+        }
+        let mut bytes = std::fs::read(&p).unwrap();
+        let h = qcow2::header::Header::parse(&bytes, bytes.len() as u64).unwrap();
+        let l1e = u64::from_be_bytes(bytes[h.l1_table_offset as usize..][..8].try_into().unwrap());
+        let l2 = (l1e & 0x00ff_ffff_ffff_fe00) as usize;
+        let to = match target {
+            "l1" => h.l1_table_offset,
+            _ => h.refcount_table_offset,
+        };
+        bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | to).to_be_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let img = Qcow2Image::open(&p, &OpenOptions::default()).unwrap();
+        let e = img.write_at(&[0xff; 512], 0).unwrap_err();
+        assert!(matches!(e, qcow2::Error::Corrupt(_)), "{target}: {e}");
+        drop(img);
+        let after = std::fs::read(&p).unwrap();
+        let (s, n) = (to as usize, 4096);
+        assert_eq!(
+            &after[s..s + n],
+            &before[s..s + n],
+            "{target} was overwritten"
+        );
     }
 }
