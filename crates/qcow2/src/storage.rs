@@ -56,7 +56,9 @@ pub struct FileStorage {
 pub const DIRECT_ALIGN: usize = 512;
 
 fn direct_ok(ptr: *const u8, len: usize, offset: u64) -> bool {
-    (ptr as usize | len) % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0 && len > 0
+    (ptr as usize | len).is_multiple_of(DIRECT_ALIGN)
+        && offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && len > 0
 }
 
 impl FileStorage {
