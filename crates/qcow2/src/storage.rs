@@ -24,19 +24,24 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn sync(&self) -> io::Result<()>;
     /// Deallocates a range, which then reads as zeros. The default writes zeros.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, offset, len)
     }
     /// The underlying file, when there is one (for locking).
     fn file(&self) -> Option<&File> {
         None
     }
+}
+
+/// Writes `len` zero bytes at `offset`, a MiB at a time.
+fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        s.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A regular file or block device.
@@ -161,17 +166,7 @@ impl Storage for FileStorage {
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-                // Fall back to writing zeros.
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeros.len() as u64) as usize;
-                    self.write_at(&zeros[..n], offset + done)?;
-                    done += n as u64;
-                }
-                Ok(())
-            }
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => write_zeros(self, offset, len),
             _ => Err(e),
         }
     }
