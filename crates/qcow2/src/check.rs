@@ -8,7 +8,8 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::image::{read_exact_at, OpenOptions, Qcow2Image};
 use crate::meta::{
-    Meta, COMPRESSED, COPIED, L1E_RESERVED, L2E_RESERVED, OFFSET_MASK, REFT_OFFSET_MASK,
+    compressed_extent, Meta, COMPRESSED, COPIED, L1E_RESERVED, L2E_RESERVED, OFFSET_MASK,
+    REFT_OFFSET_MASK,
 };
 use crate::EXT_BITMAPS;
 
@@ -132,7 +133,6 @@ fn count_l1(
     copied: &mut Vec<(u64, bool, String)>,
 ) -> Result<()> {
     let cs = cnt.cs;
-    let x = 62 - (m.cluster_bits - 8);
     for (i, &e) in l1.iter().enumerate() {
         let l2_off = e & OFFSET_MASK;
         if l2_off == 0 {
@@ -161,9 +161,7 @@ fn count_l1(
         let l2 = read_exact_at(&*m.storage, l2_off, cs as usize)?;
         for (j, e2) in be64s(&l2).enumerate() {
             if e2 & COMPRESSED != 0 {
-                let off = e2 & ((1u64 << x) - 1);
-                let sectors = ((e2 >> x) & ((1u64 << (62 - x)) - 1)) + 1;
-                let len = sectors * 512 - (off & 511);
+                let (off, len) = compressed_extent(e2, m.cluster_bits);
                 cnt.add("compressed cluster", off, len);
                 continue;
             }

@@ -36,6 +36,14 @@ pub(crate) const ZERO: u64 = 1;
 /// Refcount table entry offset bits.
 pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
+/// Host byte offset and length in bytes of a compressed cluster descriptor.
+pub(crate) fn compressed_extent(entry: u64, cluster_bits: u32) -> (u64, u64) {
+    let x = 62 - (cluster_bits - 8);
+    let off = entry & ((1u64 << x) - 1);
+    let sectors = ((entry >> x) & ((1u64 << (62 - x)) - 1)) + 1;
+    (off, sectors * 512 - (off & 511))
+}
+
 /// What an L2 entry says about one guest cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mapping {
@@ -277,6 +285,28 @@ impl Meta {
         }
     }
 
+    /// The refcount block indices that no table entry has yet, for the area
+    /// `[start, start + k + len)` where `k` new blocks are placed at `start` followed by
+    /// `len` clusters (a fixed point: the new blocks must be counted too).
+    fn missing_refblocks(&self, start: u64, len: u64) -> Vec<u64> {
+        let e = self.rb_entries();
+        let mut k = 0usize;
+        loop {
+            let end = start + k as u64 + len;
+            let missing: Vec<u64> = (start / e..=(end - 1) / e)
+                .filter(|&b| {
+                    self.reftable
+                        .get(b as usize)
+                        .is_none_or(|x| x & REFT_OFFSET_MASK == 0)
+                })
+                .collect();
+            if missing.len() == k {
+                return missing;
+            }
+            k = missing.len();
+        }
+    }
+
     /// Allocates `n` contiguous clusters with refcount 1 and returns the first index.
     ///
     /// Clusters no refcount block covers count as free. When the run needs new refcount
@@ -286,26 +316,12 @@ impl Meta {
         if n == 0 {
             return Err(Error::InvalidImage("zero-cluster allocation".into()));
         }
-        let e = self.rb_entries();
         let mut extra = 0u64;
         loop {
             let start = self.find_free_run(n + extra)?;
-            // Blocks missing for [start, start + m + n) when m new blocks go first.
-            let mut m = 0u64;
-            let missing = loop {
-                let end = start + m + n;
-                let missing: Vec<u64> = (start / e..=(end - 1) / e)
-                    .filter(|&b| {
-                        self.reftable
-                            .get(b as usize)
-                            .is_none_or(|x| x & REFT_OFFSET_MASK == 0)
-                    })
-                    .collect();
-                if missing.len() as u64 == m {
-                    break missing;
-                }
-                m = missing.len() as u64;
-            };
+            // New blocks go first, so they must count themselves too.
+            let missing = self.missing_refblocks(start, n);
+            let m = missing.len() as u64;
             if m > extra {
                 // The free run is too short to hold the new blocks too: look again.
                 extra = m;
@@ -395,23 +411,8 @@ impl Meta {
             .ctx(|| "reading image size".into())?
             .div_ceil(cs);
         let p = self.alloc_end.max(file_clusters);
-        // Fixed point: the new blocks must cover the table and themselves.
-        let mut new_blocks: Vec<u64> = Vec::new();
-        loop {
-            let end = p + t_clusters + new_blocks.len() as u64;
-            let missing: Vec<u64> = (p / e..=(end - 1) / e)
-                .filter(|&b| {
-                    self.reftable
-                        .get(b as usize)
-                        .is_none_or(|x| x & REFT_OFFSET_MASK == 0)
-                })
-                .collect();
-            if missing.len() == new_blocks.len() {
-                new_blocks = missing;
-                break;
-            }
-            new_blocks = missing;
-        }
+        // The new blocks must cover the table and themselves.
+        let new_blocks = self.missing_refblocks(p, t_clusters);
         let total_entries = t_clusters * cs / 8;
         if let Some(max) = new_blocks.iter().max() {
             if *max >= total_entries {
@@ -533,10 +534,7 @@ impl Meta {
     /// Decodes an L2 entry.
     pub fn decode(&mut self, entry: u64) -> Result<Mapping> {
         if entry & COMPRESSED != 0 {
-            let x = 62 - (self.cluster_bits - 8);
-            let off = entry & ((1u64 << x) - 1);
-            let sectors = ((entry >> x) & ((1u64 << (62 - x)) - 1)) + 1;
-            let len = sectors * 512 - (off & 511);
+            let (off, len) = compressed_extent(entry, self.cluster_bits);
             return Ok(Mapping::Compressed(HostOffset(off), len));
         }
         if entry & L2E_RESERVED != 0 {
