@@ -52,6 +52,7 @@ fn drives_the_daemon_and_writes_land() {
             socket_path: socket.clone(),
             num_queues: 1,
             queue_size: 1024,
+            aio: Default::default(),
         },
         device,
         stop.clone(),

@@ -41,6 +41,17 @@ pub enum FormatArg {
     Raw,
 }
 
+/// How the queue workers do their I/O.
+#[derive(ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AioArg {
+    /// io_uring: many requests in flight per queue, guest memory handed to the kernel.
+    #[default]
+    #[value(name = "io_uring")]
+    IoUring,
+    /// One synchronous request at a time per queue thread.
+    Threads,
+}
+
 /// Options of the serving mode.
 #[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServeArgs {
@@ -79,6 +90,12 @@ pub struct ServeArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     pub direct: bool,
+
+    /// I/O engine of the queue workers: io_uring (many requests in flight per queue;
+    /// falls back to threads, with a log line saying why, where io_uring is missing or
+    /// forbidden) or threads (one synchronous request at a time per queue).
+    #[arg(long, value_enum, default_value_t = AioArg::IoUring, value_name = "ENGINE")]
+    pub aio: AioArg,
 
     /// Start with the guest-visible write cache disabled (writethrough: every write is
     /// flushed before it completes). The guest may change it later.

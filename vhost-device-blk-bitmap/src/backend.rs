@@ -1,5 +1,7 @@
 //! The vhost-user transport: a `VhostUserBackend` with one worker thread per virtqueue
-//! and per-queue state, so queues run in parallel with no shared lock on the request path.
+//! and per-queue state, so queues run in parallel. Each queue runs either the io_uring
+//! data path ([`crate::uring`]: many requests in flight, completions reaped from an
+//! eventfd on the same worker thread) or the synchronous one (one request at a time).
 
 use std::fs::File;
 use std::io;
@@ -22,10 +24,12 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::buffer::AlignedBuf;
+use crate::config::Aio;
 use crate::device::{BlkDevice, CHUNK_SIZE};
 use crate::transport::{process_chain, GuestMem};
+use crate::uring::{InflightCount, UringQueue};
 use crate::virtio_blk::{self, ConfigInputs, CONFIG_WCE_OFFSET};
+use qcow2::AlignedBuf;
 
 /// Guest memory shared with the vhost-user handler.
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
@@ -51,8 +55,11 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 
 /// State owned by one queue's worker thread.
 #[derive(Debug)]
-struct QueueWorker {
-    buf: AlignedBuf,
+enum QueueWorker {
+    /// One synchronous request at a time through a bounce buffer.
+    Sync { buf: AlignedBuf },
+    /// io_uring: many requests in flight.
+    Uring(Box<UringQueue>),
 }
 
 /// Exit event of one worker thread.
@@ -76,23 +83,46 @@ pub struct BlkBackend {
     acked_features: AtomicU64,
     logged_connection: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
+    inflight: Vec<Arc<InflightCount>>,
     exit_events: Vec<ExitEvent>,
 }
 
 impl BlkBackend {
     /// A backend for `device`; `mem` must be the same atomic memory given to the daemon.
+    /// With `Aio::IoUring`, queues fall back to the synchronous path (one log line says
+    /// why) when the image has no file descriptor or the kernel refuses io_uring.
     pub fn new(
         device: Arc<BlkDevice>,
         num_queues: usize,
         queue_size: usize,
+        aio: Aio,
         mem: GuestMemAtomic,
     ) -> io::Result<Self> {
         let mut workers = Vec::with_capacity(num_queues);
+        let mut inflight = Vec::with_capacity(num_queues);
         let mut exit_events = Vec::with_capacity(num_queues);
+        let mut use_uring = aio == Aio::IoUring;
+        let files = device.image().direct().and_then(|d| d.data_files());
+        if use_uring && files.is_none() {
+            info!("image has no file descriptor for io_uring: using synchronous I/O threads");
+            use_uring = false;
+        }
         for _ in 0..num_queues {
-            workers.push(Mutex::new(QueueWorker {
+            let count = Arc::new(InflightCount::default());
+            let mut worker = None;
+            if let (true, Some(files)) = (use_uring, files) {
+                match UringQueue::new(queue_size, files, count.clone()) {
+                    Ok(q) => worker = Some(QueueWorker::Uring(Box::new(q))),
+                    Err(e) => {
+                        warn!("io_uring unavailable ({e}): using synchronous I/O threads");
+                        use_uring = false;
+                    }
+                }
+            }
+            workers.push(Mutex::new(worker.unwrap_or_else(|| QueueWorker::Sync {
                 buf: AlignedBuf::new(CHUNK_SIZE),
-            }));
+            })));
+            inflight.push(count);
             let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
             exit_events.push(ExitEvent {
                 consumer,
@@ -109,8 +139,51 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             logged_connection: AtomicBool::new(false),
             workers,
+            inflight,
             exit_events,
         })
+    }
+
+    /// The `handle_event` id of the io_uring completion events (past the ids the event
+    /// loop reserves for the queues and its exit event).
+    fn completion_event(&self) -> u16 {
+        self.num_queues as u16 + 1
+    }
+
+    /// Whether queue `q` runs the io_uring data path.
+    pub fn uses_io_uring(&self, q: usize) -> bool {
+        matches!(*self.lock_worker(q), QueueWorker::Uring(_))
+    }
+
+    fn lock_worker(&self, q: usize) -> std::sync::MutexGuard<'_, QueueWorker> {
+        self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers each io_uring queue's completion eventfd with its worker thread's epoll
+    /// loop (one handler per queue, in queue order).
+    pub fn register_completion_events<
+        H: std::ops::Deref<Target = vhost_user_backend::VringEpollHandler<Arc<Self>>>,
+    >(
+        &self,
+        handlers: &[H],
+    ) -> io::Result<()> {
+        for (q, h) in handlers.iter().enumerate().take(self.num_queues) {
+            if let QueueWorker::Uring(u) = &*self.lock_worker(q) {
+                h.register_listener(
+                    u.event_fd(),
+                    EventSet::IN,
+                    u64::from(self.completion_event()),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every request taken from any ring has completed.
+    pub fn drain(&self) {
+        for c in &self.inflight {
+            c.wait_idle("disconnect");
+        }
     }
 
     /// The device.
@@ -151,38 +224,85 @@ impl BlkBackend {
     }
 
     fn process_queue(&self, queue_index: usize, vring: &BlkVring) -> io::Result<()> {
-        let mut worker = self.workers[queue_index]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut worker = self.lock_worker(queue_index);
         // Holding the vring lock for the whole batch makes GET_VRING_BASE (which takes
-        // it to stop the ring) wait until the requests we started have completed.
+        // it to stop the ring) wait until the synchronous requests we started have
+        // completed; io_uring requests are waited for in `stop_vring`.
         let mut state = vring.get_mut();
         // Rings are processed only while started (ready) and enabled.
         if !state.get_queue().ready() || !state.is_enabled() {
             return Ok(());
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mem = self.mem.memory();
+        let mem = self.mem.memory().into_inner();
+        let io = self.device.image().direct();
+        let mut published = false;
         loop {
             if event_idx {
                 state.disable_notification().map_err(io::Error::other)?;
             }
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.deref()) {
-                let head = chain.head_index();
-                let used = process_chain(&self.device, &mut worker.buf, &mem, chain);
-                if let Err(e) = state.add_used(head, used) {
-                    warn!("queue {queue_index}: add_used failed: {e}");
+                match (&mut *worker, io) {
+                    // A queue runs io_uring only on an image with a direct data path.
+                    (QueueWorker::Uring(u), Some(io)) => u.start(&self.device, io, &mem, chain),
+                    (QueueWorker::Uring(_), None) => {
+                        unreachable!("io_uring queue without a data path")
+                    }
+                    (QueueWorker::Sync { buf }, _) => {
+                        let head = chain.head_index();
+                        let used = process_chain(&self.device, buf, &mem, chain);
+                        if let Err(e) = state.add_used(head, used) {
+                            warn!("queue {queue_index}: add_used failed: {e}");
+                        }
+                        published = true;
+                    }
                 }
+            }
+            if let QueueWorker::Uring(u) = &mut *worker {
+                u.submit();
+                published |= publish(queue_index, &mut state, u);
             }
             if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
-        if state.needs_notification().map_err(io::Error::other)? {
+        if published && state.needs_notification().map_err(io::Error::other)? {
             state.signal_used_queue()?;
         }
         Ok(())
     }
+
+    /// Reaps io_uring completions of queue `queue_index` and publishes them.
+    fn complete_queue(&self, queue_index: usize, vring: &BlkVring) -> io::Result<()> {
+        let mut worker = self.lock_worker(queue_index);
+        let (QueueWorker::Uring(u), Some(io)) = (&mut *worker, self.device.image().direct()) else {
+            return Ok(());
+        };
+        u.reap(io);
+        let mut state = vring.get_mut();
+        if publish(queue_index, &mut state, u)
+            && state.needs_notification().map_err(io::Error::other)?
+        {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// Puts the completed requests of an io_uring queue into the used ring; true if any.
+fn publish(
+    queue_index: usize,
+    state: &mut vhost_user_backend::VringState<GuestMemAtomic>,
+    u: &mut UringQueue,
+) -> bool {
+    let mut any = false;
+    for (head, len) in u.take_done() {
+        if let Err(e) = state.add_used(head, len) {
+            warn!("queue {queue_index}: add_used failed: {e}");
+        }
+        any = true;
+    }
+    any
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -296,8 +416,14 @@ impl VhostUserBackend for BlkBackend {
             warn!("ignoring unexpected event set {evset:?}");
             return Ok(());
         }
-        // One queue per thread: the thread index is the queue index.
-        let Some(vring) = vrings.get(device_event as usize) else {
+        // One queue per thread: the thread index is the queue index, and the thread's
+        // only vring is at index 0 (completion events carry their own id).
+        let idx = if device_event == self.completion_event() {
+            0
+        } else {
+            device_event as usize
+        };
+        let Some(vring) = vrings.get(idx) else {
             warn!("ignoring event for unknown vring {device_event}");
             return Ok(());
         };
@@ -305,9 +431,23 @@ impl VhostUserBackend for BlkBackend {
             warn!("ignoring event on unknown worker thread {thread_id}");
             return Ok(());
         }
-        if let Err(e) = self.process_queue(thread_id, vring) {
+        let result = if device_event == self.completion_event() {
+            self.complete_queue(thread_id, vring)
+        } else {
+            self.process_queue(thread_id, vring)
+        };
+        if let Err(e) = result {
             // Returning an error would end the worker thread for good; log instead.
             warn!("queue {thread_id}: {e}");
+        }
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the ring was marked stopped; answer only once every request
+        // taken from it has completed (the worker thread keeps reaping meanwhile).
+        if let Some(c) = self.inflight.get(queue_index as usize) {
+            c.wait_idle("GET_VRING_BASE");
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::args::{FormatArg, ServeArgs};
+use crate::args::{AioArg, FormatArg, ServeArgs};
 use crate::disk::ImageFormat;
 use crate::virtio_blk::ID_BYTES;
 
@@ -31,6 +31,16 @@ pub struct BitmapSpec {
     pub granularity: Option<u64>,
 }
 
+/// How the queue workers do their I/O.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Aio {
+    /// io_uring per queue (falls back to `Threads` when unavailable).
+    #[default]
+    IoUring,
+    /// One synchronous request at a time per queue thread.
+    Threads,
+}
+
 /// Everything the daemon needs to serve, already checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -52,6 +62,8 @@ pub struct Config {
     pub serial: Vec<u8>,
     /// O_DIRECT.
     pub direct: bool,
+    /// I/O engine.
+    pub aio: Aio,
     /// Initial wce byte: write cache enabled.
     pub writeback: bool,
     /// Bitmaps to record into.
@@ -206,6 +218,10 @@ impl TryFrom<ServeArgs> for Config {
             logical_block_size: a.logical_block_size,
             serial: a.serial.into_bytes(),
             direct: a.direct,
+            aio: match a.aio {
+                AioArg::IoUring => Aio::IoUring,
+                AioArg::Threads => Aio::Threads,
+            },
             writeback: !a.writethrough,
             bitmaps,
             create_size,

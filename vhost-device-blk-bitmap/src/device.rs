@@ -9,9 +9,9 @@ use std::sync::Arc;
 use log::{debug, warn};
 use qcow2::BlockImage;
 
-use crate::buffer::AlignedBuf;
 use crate::tracker::WriteTracker;
 use crate::virtio_blk::*;
+use qcow2::AlignedBuf;
 
 /// Bytes moved per image call for IN/OUT (the bounce buffer size).
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -120,9 +120,14 @@ impl BlkDevice {
         self.wce() == 0 || !self.flush_negotiated.load(Ordering::Relaxed)
     }
 
+    /// The GET_ID answer.
+    pub fn serial(&self) -> [u8; ID_BYTES] {
+        self.serial
+    }
+
     /// Checks a guest range given in 512-byte sectors and bytes: inside the disk and
     /// aligned to the logical block size. Returns the byte offset.
-    fn check_range(&self, sector: u64, len: u64) -> Option<u64> {
+    pub fn check_range(&self, sector: u64, len: u64) -> Option<u64> {
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let lbs = u64::from(self.logical_block_size);
         if offset % lbs != 0 || len % lbs != 0 {
@@ -257,6 +262,39 @@ impl BlkDevice {
         Completion::status(self.finish_write(ok))
     }
 
+    /// Validates the one segment of a DISCARD or WRITE_ZEROES: `Ok(None)` for an empty
+    /// range (nothing to do), the byte range and the UNMAP flag, or the status to answer.
+    pub fn check_dwz_segment(
+        &self,
+        request_type: u32,
+        seg: &[u8; DWZ_SEGMENT_SIZE],
+    ) -> Result<Option<(u64, u64, bool)>, u8> {
+        let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
+        let num_sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+        let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+        let is_discard = request_type == T_DISCARD;
+        let max = if is_discard {
+            MAX_DISCARD_SECTORS
+        } else {
+            MAX_WRITE_ZEROES_SECTORS
+        };
+        if num_sectors > max {
+            return Err(S_IOERR);
+        }
+        let len = u64::from(num_sectors) * SECTOR_SIZE;
+        let Some(offset) = self.check_range(sector, len) else {
+            return Err(S_IOERR);
+        };
+        let unmap = flags & WRITE_ZEROES_FLAG_UNMAP != 0;
+        if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 || (is_discard && unmap) {
+            return Err(S_UNSUPP);
+        }
+        if len == 0 {
+            return Ok(None);
+        }
+        Ok(Some((offset, len, unmap)))
+    }
+
     fn do_discard_write_zeroes<R: Read + ?Sized>(
         &self,
         request_type: u32,
@@ -274,29 +312,12 @@ impl BlkDevice {
         if input_len < DWZ_SEGMENT_SIZE || input.read_exact(&mut seg).is_err() {
             return Completion::status(S_IOERR);
         }
-        let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
-        let num_sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
-        let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+        let (offset, len, unmap) = match self.check_dwz_segment(request_type, &seg) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Completion::status(S_OK),
+            Err(status) => return Completion::status(status),
+        };
         let is_discard = request_type == T_DISCARD;
-        let max = if is_discard {
-            MAX_DISCARD_SECTORS
-        } else {
-            MAX_WRITE_ZEROES_SECTORS
-        };
-        if num_sectors > max {
-            return Completion::status(S_IOERR);
-        }
-        let len = u64::from(num_sectors) * SECTOR_SIZE;
-        let Some(offset) = self.check_range(sector, len) else {
-            return Completion::status(S_IOERR);
-        };
-        let unmap = flags & WRITE_ZEROES_FLAG_UNMAP != 0;
-        if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 || (is_discard && unmap) {
-            return Completion::status(S_UNSUPP);
-        }
-        if len == 0 {
-            return Completion::status(S_OK);
-        }
         let result = if is_discard {
             self.image.discard(offset, len)
         } else {

@@ -9,7 +9,7 @@
 pub mod args;
 pub mod backend;
 pub mod bitmaps;
-pub mod buffer;
+
 pub mod config;
 pub mod device;
 pub mod disk;
@@ -18,6 +18,7 @@ pub mod server;
 pub mod tool;
 pub mod tracker;
 pub mod transport;
+pub mod uring;
 pub mod virtio_blk;
 
 #[cfg(test)]

@@ -72,6 +72,7 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             socket_path: config.socket_path.clone(),
             num_queues: usize::from(config.num_queues),
             queue_size: usize::from(config.queue_size),
+            aio: config.aio,
         },
         device,
         stop,

@@ -191,6 +191,8 @@ pub struct ServerConfig {
     pub num_queues: usize,
     /// Maximum queue size.
     pub queue_size: usize,
+    /// I/O engine of the queue workers.
+    pub aio: crate::config::Aio,
 }
 
 /// Serves one device on a vhost-user socket, one frontend at a time.
@@ -252,6 +254,7 @@ impl Server {
                 self.device.clone(),
                 self.config.num_queues,
                 self.config.queue_size,
+                self.config.aio,
                 mem.clone(),
             )
             .map_err(|err| ServerError::Io {
@@ -262,6 +265,12 @@ impl Server {
         let mut daemon =
             VhostUserDaemon::new("vhost-device-blk-bitmap".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
+        backend
+            .register_completion_events(&daemon.get_epoll_handlers())
+            .map_err(|err| ServerError::Io {
+                what: "registering the io_uring completion events",
+                err,
+            })?;
         // A frontend is waiting. The tracker (e.g. flagging the bitmaps in-use on disk)
         // must be ready before the connection's thread can start any queue, so it runs
         // before the accept.
@@ -287,8 +296,9 @@ impl Server {
         self.stop.set_conn(daemon.shutdown_handle());
         let result = daemon.wait();
         self.stop.set_conn(None);
-        // Stop the queue threads; dropping the daemon joins them after their current
-        // batch, so every request taken from a ring has completed.
+        // Every request taken from a ring completes (the workers still run) before the
+        // queue threads stop and before the tracker stores the bitmaps.
+        backend.drain();
         backend.signal_exit();
         drop(daemon);
         backend.close_handed_out_fds();
@@ -330,6 +340,7 @@ mod tests {
                 socket_path: "/nonexistent-dir/x.sock".into(),
                 num_queues: 1,
                 queue_size: 256,
+                aio: Default::default(),
             },
             device(),
             stop,
@@ -354,6 +365,7 @@ mod tests {
                 socket_path: path.clone(),
                 num_queues: 1,
                 queue_size: 256,
+                aio: Default::default(),
             },
             device(),
             stop,

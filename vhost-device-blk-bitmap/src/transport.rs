@@ -11,9 +11,9 @@ use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use crate::buffer::AlignedBuf;
 use crate::device::{BlkDevice, RequestHeader};
 use crate::virtio_blk::{REQUEST_HEADER_SIZE, SEG_MAX, S_IOERR};
+use qcow2::AlignedBuf;
 
 /// Guest memory with the vhost-user migration dirty log.
 pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;

@@ -1,19 +1,30 @@
 //! An open qcow2 image: the data path (reads, writes with copy-on-write, write-zeroes,
 //! discard, flush) and the metadata API for the bitmap persistence crate.
 //!
-//! Locking: `meta` (a mutex) guards all metadata. Reads and in-place rewrites of
-//! clusters that are already allocated look the mapping up under `meta` and do their
-//! data I/O after releasing it, holding `gate` in read mode. Every operation that can
-//! make a host cluster free again (discard, write-zeroes, flush applying queued frees)
-//! takes `gate` in write mode first, so no request can still be using a cluster when it
-//! is handed out again. Lock order: `gate`, then `meta`.
+//! Locking: `meta` (a mutex) guards all metadata and is held only for metadata
+//! decisions, never for guest data I/O (see [`crate::direct`]):
+//! * a read or an in-place rewrite of allocated clusters looks its mapping up under
+//!   `meta` and does its I/O after releasing it;
+//! * an allocating write reserves its new clusters (refcount 1) and its guest clusters
+//!   (`Meta::inflight`) under `meta`, does its copy-on-write and data I/O unlocked, and
+//!   takes `meta` again to link the L2 entries. Another write, write-zeroes or discard
+//!   touching a reserved guest cluster is answered Busy and retried when it is linked;
+//! * a cluster that loses its last reference is freed only once no request that may
+//!   still use it is in flight (the [`IoGate`] epochs), so it is never handed out while
+//!   a read or write still targets it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::buffer::AlignedBuf;
 use crate::cache::TableCache;
 use crate::compress::decompress;
+use crate::direct::{
+    self, Allocation, Attempt, DataFiles, DirectIo, ReadPiece, ReadPlan, Waker, WritePiece,
+    WritePlan, ZeroPlan,
+};
 use crate::error::{Error, IoContext, Result};
+use crate::gate::IoGate;
 use crate::header::{
     CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, EXT_BACKING_FORMAT, INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
@@ -53,7 +64,7 @@ pub struct Qcow2Image {
     compression: CompressionType,
     backing: Option<Arc<dyn BlockImage>>,
     meta: Mutex<Meta>,
-    gate: RwLock<()>,
+    gate: Arc<IoGate>,
 }
 
 /// Where the bytes of one piece of a guest range come from.
@@ -213,6 +224,7 @@ impl Qcow2Image {
         let l2_cap = (L2_CACHE_BYTES / cs).min(l2_tables) as usize;
         let rb_cap = (RB_CACHE_BYTES / cs).max(4) as usize;
         let cluster_bits = header.cluster_bits;
+        let gate = Arc::new(IoGate::default());
         let meta = Meta {
             storage: storage.clone(),
             cluster_bits,
@@ -225,6 +237,9 @@ impl Qcow2Image {
             free_hint: 1,
             alloc_end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),
+            gate: gate.clone(),
+            inflight: Default::default(),
+            waiters: Default::default(),
             refcounts_unsynced: false,
             corrupt: None,
             header,
@@ -238,7 +253,7 @@ impl Qcow2Image {
             compression: meta.header.compression_type,
             backing,
             meta: Mutex::new(meta),
-            gate: RwLock::new(()),
+            gate,
         };
         if !opts.read_only {
             img.prepare_read_write(opts)?;
@@ -317,8 +332,8 @@ impl Qcow2Image {
     // ---- reads -------------------------------------------------------------------
 
     /// Splits a guest range into sources, cluster by cluster, merging contiguous host
-    /// pieces.
-    fn plan_read(&self, offset: u64, len: u64) -> Result<Vec<(Source, usize)>> {
+    /// pieces (under the metadata lock).
+    fn map_range(&self, offset: u64, len: u64) -> Result<Vec<(Source, usize)>> {
         let cs = self.cluster_size();
         let mut m = self.lock();
         let mut plan: Vec<(Source, usize)> = Vec::new();
@@ -354,6 +369,38 @@ impl Qcow2Image {
         Ok(plan)
     }
 
+    /// Plans a read: the mapping is looked up under the lock; backing-file and compressed
+    /// pieces are then read (unlocked) into buffers.
+    fn plan_read_inner(&self, offset: u64, len: usize) -> Result<ReadPlan> {
+        check_range(offset, len as u64, self.size)?;
+        // Entered before the lookup: no cluster we map can be reused until we are done.
+        let ticket = self.gate.enter();
+        let sources = self.map_range(offset, len as u64)?;
+        let mut pieces = Vec::with_capacity(sources.len());
+        for (src, n) in sources {
+            pieces.push(match src {
+                Source::Host(h) => ReadPiece::Host { offset: h, len: n },
+                Source::Zero => ReadPiece::Zero { len: n },
+                Source::Backing(g) => {
+                    let mut b = vec![0u8; n];
+                    self.read_backing(&mut b, g)?;
+                    ReadPiece::Bytes(b)
+                }
+                Source::Compressed { host, clen, skip } => {
+                    let mut c = vec![0u8; self.cluster_size() as usize];
+                    self.read_compressed(host, clen, &mut c)?;
+                    c.truncate(skip + n);
+                    c.drain(..skip);
+                    ReadPiece::Bytes(c)
+                }
+            });
+        }
+        Ok(ReadPlan {
+            pieces,
+            _ticket: Some(ticket),
+        })
+    }
+
     fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let Some(b) = &self.backing else {
             buf.fill(0);
@@ -384,28 +431,6 @@ impl Qcow2Image {
         decompress(self.compression, &input, out)
     }
 
-    fn exec_read(&self, plan: Vec<(Source, usize)>, buf: &mut [u8]) -> Result<()> {
-        let mut at = 0usize;
-        for (src, n) in plan {
-            let dst = &mut buf[at..at + n];
-            match src {
-                Source::Host(h) => self
-                    .storage
-                    .read_at(dst, h)
-                    .ctx(|| format!("reading data at {h:#x}"))?,
-                Source::Zero => dst.fill(0),
-                Source::Backing(g) => self.read_backing(dst, g)?,
-                Source::Compressed { host, clen, skip } => {
-                    let mut c = vec![0u8; self.cluster_size() as usize];
-                    self.read_compressed(host, clen, &mut c)?;
-                    dst.copy_from_slice(&c[skip..skip + n]);
-                }
-            }
-            at += n;
-        }
-        Ok(())
-    }
-
     /// The whole current contents of guest cluster `gc` as mapped by `old`.
     fn cluster_contents(&self, gc: u64, old: Mapping, out: &mut [u8]) -> Result<()> {
         match old {
@@ -424,96 +449,233 @@ impl Qcow2Image {
 
     // ---- writes ------------------------------------------------------------------
 
-    /// Writes `data` at guest `offset`: in place where the cluster is ours alone,
-    /// allocating (with copy-on-write of the rest of the cluster) elsewhere.
-    fn write_inner(&self, data: &[u8], offset: u64) -> Result<()> {
+    /// Plans a write: in place where the cluster is ours alone; elsewhere new clusters
+    /// are reserved under the lock and prepared (zeroed, or filled with the old contents
+    /// for copy-on-write) after it is released.
+    fn begin_write_inner(
+        &self,
+        offset: u64,
+        len: usize,
+        waker: &Waker,
+    ) -> Result<Attempt<WritePlan>> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, len as u64, self.size)?;
+        let mut plan = WritePlan {
+            pieces: Vec::new(),
+            allocations: Vec::new(),
+            _ticket: None,
+        };
+        if len == 0 {
+            return Ok(Attempt::Ready(plan));
+        }
+        plan._ticket = Some(self.gate.enter());
         let cs = self.cluster_size();
-        let mut direct: Vec<(u64, usize, usize)> = Vec::new();
+        let end = offset + len as u64;
+        let first_gc = offset / cs;
+        // Copy-on-write to do once the lock is released.
+        let mut cow: Vec<Cow> = Vec::new();
         {
             let mut m = self.lock();
             self.writable(&m)?;
-            let end = offset + data.len() as u64;
-            let mut pos = offset;
-            while pos < end {
-                let gc = pos / cs;
-                let in_off = pos % cs;
-                let n = (cs - in_off).min(end - pos);
-                let at = (pos - offset) as usize;
-                match m.mapping(gc)? {
-                    Mapping::Normal(h, true) => {
-                        m.check_data_cluster(h)?;
-                        match direct.last_mut() {
-                            Some((hh, a, l))
-                                if *hh + *l as u64 == h.0 + in_off && *a + *l == at =>
-                            {
-                                *l += n as usize
-                            }
-                            _ => direct.push((h.0 + in_off, at, n as usize)),
-                        }
-                        pos += n;
+            if m.conflicts(first_gc, (end - 1) / cs - first_gc + 1, waker) {
+                return Ok(Attempt::Busy);
+            }
+            if let Err(e) = self.reserve(&mut m, offset, end, &mut plan, &mut cow) {
+                for a in plan.allocations.drain(..) {
+                    m.inflight.remove(&a.guest_cluster);
+                    if a.fresh {
+                        let _ = m.update_refcounts(a.host / cs, 1, -1);
                     }
-                    old if in_off == 0
-                        && n == cs
-                        && !matches!(old, Mapping::Zero(Some(_), true)) =>
-                    {
-                        // A run of whole clusters that need fresh clusters: allocate
-                        // them contiguously and write them in one go.
-                        let mut run = 1u64;
-                        let mut olds = vec![old];
-                        while pos + (run + 1) * cs <= end {
-                            let next = m.mapping(gc + run)?;
-                            if matches!(
-                                next,
-                                Mapping::Normal(_, true) | Mapping::Zero(Some(_), true)
-                            ) {
-                                break;
-                            }
-                            olds.push(next);
-                            run += 1;
+                }
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.prepare_cow(&mut plan, cow) {
+            let _ = self.finish_write_inner(plan, false);
+            return Err(e);
+        }
+        Ok(Attempt::Ready(plan))
+    }
+
+    /// The locked part of `begin_write_inner`: maps or allocates every cluster of
+    /// `[offset, end)` and records the pieces.
+    fn reserve(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        end: u64,
+        plan: &mut WritePlan,
+        cow: &mut Vec<Cow>,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let at = (pos - offset) as usize;
+            match m.mapping(gc)? {
+                Mapping::Normal(h, true) => {
+                    m.check_data_cluster(h)?;
+                    push_data(&mut plan.pieces, at, h.0 + in_off, n as usize);
+                    pos += n;
+                }
+                old if in_off == 0 && n == cs && !matches!(old, Mapping::Zero(Some(_), true)) => {
+                    // A run of whole clusters that need fresh clusters: allocate them
+                    // contiguously and write them in one go.
+                    let mut run = 1u64;
+                    while pos + (run + 1) * cs <= end {
+                        let next = m.mapping(gc + run)?;
+                        if matches!(
+                            next,
+                            Mapping::Normal(_, true) | Mapping::Zero(Some(_), true)
+                        ) {
+                            break;
                         }
-                        let host = m.alloc_clusters(run)? * cs;
-                        let bytes = (run * cs) as usize;
-                        self.storage
-                            .write_at(&data[at..at + bytes], host)
-                            .ctx(|| format!("writing data at {host:#x}"))?;
-                        for (i, old) in olds.into_iter().enumerate() {
-                            m.set_l2_entry(gc + i as u64, (host + i as u64 * cs) | COPIED)?;
-                            m.release(old);
-                        }
-                        pos += run * cs;
+                        run += 1;
                     }
-                    old => {
-                        let (host, reuse) = match old {
-                            Mapping::Zero(Some(h), true) => {
-                                m.check_data_cluster(h)?;
-                                (h.0, true)
-                            }
-                            _ => (m.alloc_clusters(1)? * cs, false),
-                        };
-                        let mut buf = vec![0u8; cs as usize];
-                        if n < cs && !reuse {
-                            self.cluster_contents(gc, old, &mut buf)?;
+                    let host = m.alloc_clusters(run)? * cs;
+                    for i in 0..run {
+                        m.inflight.insert(gc + i);
+                        plan.allocations.push(Allocation {
+                            guest_cluster: gc + i,
+                            host: host + i * cs,
+                            fresh: true,
+                        });
+                    }
+                    push_data(&mut plan.pieces, at, host, (run * cs) as usize);
+                    pos += run * cs;
+                }
+                old => {
+                    // Part of a cluster, or a preallocated zero cluster we may reuse.
+                    let (host, fresh) = match old {
+                        Mapping::Zero(Some(h), true) => {
+                            m.check_data_cluster(h)?;
+                            (h.0, false)
                         }
-                        buf[in_off as usize..(in_off + n) as usize]
-                            .copy_from_slice(&data[at..at + n as usize]);
-                        self.storage
-                            .write_at(&buf, host)
-                            .ctx(|| format!("writing data at {host:#x}"))?;
-                        m.set_l2_entry(gc, host | COPIED)?;
-                        if !reuse {
-                            m.release(old);
-                        }
-                        pos += n;
+                        _ => (m.alloc_clusters(1)? * cs, true),
+                    };
+                    m.inflight.insert(gc);
+                    plan.allocations.push(Allocation {
+                        guest_cluster: gc,
+                        host,
+                        fresh,
+                    });
+                    let reads_zero = match old {
+                        Mapping::Zero(..) => true,
+                        Mapping::Unallocated => self.backing.is_none(),
+                        _ => false,
+                    };
+                    if n == cs {
+                        push_data(&mut plan.pieces, at, host, n as usize);
+                    } else if reads_zero {
+                        // The rest of the cluster must read as zeros: zero it without
+                        // transferring data, then write just the request's bytes.
+                        cow.push(Cow::Zero { host });
+                        push_data(&mut plan.pieces, at, host + in_off, n as usize);
+                    } else {
+                        cow.push(Cow::Copy {
+                            piece: plan.pieces.len(),
+                            guest_cluster: gc,
+                            old,
+                        });
+                        plan.pieces.push(WritePiece::Merge {
+                            offset: host,
+                            buf: AlignedBuf::new(0),
+                            skip: in_off as usize,
+                            at,
+                            len: n as usize,
+                        });
+                    }
+                    pos += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes new clusters and reads old contents for copy-on-write (unlocked: the
+    /// guest clusters are reserved, the old host clusters cannot be freed meanwhile).
+    fn prepare_cow(&self, plan: &mut WritePlan, cow: Vec<Cow>) -> Result<()> {
+        let cs = self.cluster_size();
+        for c in cow {
+            match c {
+                Cow::Zero { host } => self
+                    .storage
+                    .zero_range(host, cs)
+                    .ctx(|| format!("zeroing new cluster at {host:#x}"))?,
+                Cow::Copy {
+                    piece,
+                    guest_cluster,
+                    old,
+                } => {
+                    let mut b = AlignedBuf::new(cs as usize);
+                    self.cluster_contents(guest_cluster, old, b.as_mut_slice())?;
+                    if let WritePiece::Merge { buf, .. } = &mut plan.pieces[piece] {
+                        *buf = b;
                     }
                 }
             }
         }
-        for (h, at, n) in direct {
-            self.storage
-                .write_at(&data[at..at + n], h)
-                .ctx(|| format!("writing data at {h:#x}"))?;
-        }
         Ok(())
+    }
+
+    /// Links the new clusters of a completed write (or releases them after a failure)
+    /// and wakes the requests that waited for them.
+    fn finish_write_inner(&self, plan: WritePlan, ok: bool) -> Result<()> {
+        if plan.allocations.is_empty() {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let (result, waiters) = {
+            let mut m = self.lock();
+            let mut linked = 0;
+            let mut result = Ok(());
+            if ok {
+                for a in &plan.allocations {
+                    let step = m.mapping(a.guest_cluster).and_then(|cur| {
+                        m.set_l2_entry(a.guest_cluster, a.host | COPIED)?;
+                        if a.fresh {
+                            m.release(cur);
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = step {
+                        result = Err(e);
+                        break;
+                    }
+                    linked += 1;
+                }
+            }
+            for (i, a) in plan.allocations.iter().enumerate() {
+                m.inflight.remove(&a.guest_cluster);
+                // Never referenced: give the cluster back at once.
+                if i >= linked && a.fresh {
+                    if let Err(e) = m.update_refcounts(a.host / cs, 1, -1) {
+                        log::warn!("releasing cluster {:#x} after a failed write: {e}", a.host);
+                    }
+                }
+            }
+            (result, std::mem::take(&mut m.waiters.0))
+        };
+        for w in waiters {
+            w();
+        }
+        result
+    }
+
+    /// Writes zeros through the write path (partial clusters of a write-zeroes).
+    fn write_zeros_now(&self, offset: u64, len: u64, waker: &Waker) -> Result<Attempt<()>> {
+        let zeros = vec![0u8; len as usize];
+        let mut plan = match self.begin_write_inner(offset, len as usize, waker)? {
+            Attempt::Busy => return Ok(Attempt::Busy),
+            Attempt::Ready(p) => p,
+        };
+        let r = direct::execute_write(&*self.storage, &mut plan, &zeros);
+        let fin = self.finish_write_inner(plan, r.is_ok());
+        r.and(fin).map(Attempt::Ready)
     }
 
     /// Zeroes or deallocates whole clusters `[first, first+count)`. `discard` selects
@@ -548,7 +710,8 @@ impl Qcow2Image {
                     }
                 }
             } else if has_backing && !discard {
-                // v2 cannot say "zero": write zeros into the cluster.
+                // v2 cannot say "zero": write zeros into the cluster (under the lock;
+                // only v2 images with a backing file take this path).
                 let zeros = vec![0u8; cs as usize];
                 write_cluster_locked(self, m, &zeros, gc * cs)?;
                 continue;
@@ -567,10 +730,20 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn zero_or_discard(&self, offset: u64, len: u64, unmap: bool, discard: bool) -> Result<()> {
+    fn try_zero_or_discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        discard: bool,
+        waker: &Waker,
+    ) -> Result<Attempt<ZeroPlan>> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
         check_range(offset, len, self.size)?;
         if len == 0 {
-            return Ok(());
+            return Ok(Attempt::Ready(ZeroPlan::default()));
         }
         let cs = self.cluster_size();
         let end = offset + len;
@@ -582,8 +755,8 @@ impl Qcow2Image {
             end / cs
         };
         if !discard {
-            let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-            // Partial head and tail clusters are written with zeros.
+            // Partial head and tail clusters are written with zeros (again, if a Busy
+            // made us start over: harmless).
             let head_end = (first_full * cs).min(end);
             if offset < head_end && (first_full > last_full || !offset.is_multiple_of(cs)) {
                 let n = if first_full > last_full {
@@ -591,40 +764,89 @@ impl Qcow2Image {
                 } else {
                     head_end - offset
                 };
-                self.write_inner(&vec![0u8; n as usize], offset)?;
+                if let Attempt::Busy = self.write_zeros_now(offset, n, waker)? {
+                    return Ok(Attempt::Busy);
+                }
             }
             if last_full >= first_full && end > last_full * cs && end != self.size {
                 let n = end - last_full * cs;
-                self.write_inner(&vec![0u8; n as usize], last_full * cs)?;
+                if let Attempt::Busy = self.write_zeros_now(last_full * cs, n, waker)? {
+                    return Ok(Attempt::Busy);
+                }
             }
         }
         if last_full <= first_full {
-            return Ok(());
+            return Ok(Attempt::Ready(ZeroPlan::default()));
         }
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock();
         self.writable(&m)?;
+        if m.conflicts(first_full, last_full - first_full, waker) {
+            return Ok(Attempt::Busy);
+        }
         self.zero_clusters(&mut m, first_full, last_full - first_full, unmap, discard)?;
-        if !m.pending_frees.is_empty() {
+        if m.pending_frees.len() >= FREE_BATCH {
             // The tables that dropped the references must be durable before the
             // refcounts go down.
             m.writeback()?;
             m.sync()?;
             m.apply_pending_frees()?;
         }
-        Ok(())
+        Ok(Attempt::Ready(ZeroPlan::default()))
+    }
+
+    fn prepare_flush_inner(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.lock().prepare_flush()
     }
 
     /// Writes every cached table and syncs the file (the image on disk is then
     /// complete and consistent).
     pub fn flush_all(&self) -> Result<()> {
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.lock();
         if self.read_only {
             return Ok(());
         }
-        m.flush_all()
+        self.lock().flush_all()
     }
+}
+
+/// Frees queued by discards are applied at the next flush, or at once when this many
+/// have piled up.
+const FREE_BATCH: usize = 1024;
+
+/// Copy-on-write work of a planned write.
+#[derive(Debug)]
+enum Cow {
+    /// A new cluster must read as zeros before the request's bytes go in.
+    Zero { host: u64 },
+    /// The old contents of a guest cluster go into a `Merge` piece.
+    Copy {
+        piece: usize,
+        guest_cluster: u64,
+        old: Mapping,
+    },
+}
+
+/// Appends a data piece, merging it with the previous one when both the request and
+/// the host ranges are contiguous.
+fn push_data(pieces: &mut Vec<WritePiece>, at: usize, host: u64, len: usize) {
+    if let Some(WritePiece::Data {
+        at: pa,
+        offset: po,
+        len: pl,
+    }) = pieces.last_mut()
+    {
+        if *pa + *pl == at && *po + *pl as u64 == host {
+            *pl += len;
+            return;
+        }
+    }
+    pieces.push(WritePiece::Data {
+        at,
+        offset: host,
+        len,
+    });
 }
 
 /// Writes through the data path while the caller holds the metadata lock (v2 zeroing).
@@ -659,37 +881,75 @@ impl BlockImage for Qcow2Image {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let plan = self.plan_read(offset, buf.len() as u64)?;
-        self.exec_read(plan, buf)
+        let plan = self.plan_read_inner(offset, buf.len())?;
+        direct::execute_read(&*self.storage, plan, buf)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        check_range(offset, buf.len() as u64, self.size)?;
-        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.write_inner(buf, offset)
+        direct::write_blocking(self, buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        self.zero_or_discard(offset, len, may_unmap, false)
+        let plan =
+            direct::blocking(|w| self.try_zero_or_discard(offset, len, may_unmap, false, w))?;
+        direct::execute_zero(&*self.storage, plan)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        self.zero_or_discard(offset, len, true, true)
+        let plan = direct::blocking(|w| self.try_zero_or_discard(offset, len, true, true, w))?;
+        direct::execute_zero(&*self.storage, plan)
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_all()
+        if self.read_only {
+            return Ok(());
+        }
+        self.prepare_flush_inner()?;
+        self.storage.sync().ctx(|| "syncing the image".into())
+    }
+
+    fn direct(&self) -> Option<&dyn DirectIo> {
+        Some(self)
+    }
+}
+
+impl DirectIo for Qcow2Image {
+    fn data_storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn data_files(&self) -> Option<DataFiles> {
+        self.storage.data_files()
+    }
+
+    fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan> {
+        self.plan_read_inner(offset, len)
+    }
+
+    fn begin_write(&self, offset: u64, len: usize, waker: &Waker) -> Result<Attempt<WritePlan>> {
+        self.begin_write_inner(offset, len, waker)
+    }
+
+    fn finish_write(&self, plan: WritePlan, ok: bool) -> Result<()> {
+        self.finish_write_inner(plan, ok)
+    }
+
+    fn try_write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        waker: &Waker,
+    ) -> Result<Attempt<ZeroPlan>> {
+        self.try_zero_or_discard(offset, len, unmap, false, waker)
+    }
+
+    fn try_discard(&self, offset: u64, len: u64, waker: &Waker) -> Result<Attempt<ZeroPlan>> {
+        self.try_zero_or_discard(offset, len, true, true, waker)
+    }
+
+    fn prepare_flush(&self) -> Result<()> {
+        self.prepare_flush_inner()
     }
 }
 

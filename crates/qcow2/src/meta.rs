@@ -12,12 +12,17 @@
 //! 3. A refcount decrement is applied only after every table that dropped the
 //!    reference has been written and synced: frees are queued in `pending_frees` and
 //!    applied by [`Meta::apply_pending_frees`] after a write-back.
+//! 4. A freed cluster is handed out again only once no data request that could still
+//!    use it is in flight: every queued free carries the [`IoGate`] epoch it was queued
+//!    in and waits in `pending_frees` until that epoch is safe.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use crate::cache::TableCache;
+use crate::direct::{Waiters, Waker};
 use crate::error::{Error, IoContext, Result};
+use crate::gate::IoGate;
 use crate::header::Header;
 use crate::{HostOffset, Storage};
 
@@ -74,8 +79,16 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// One past the highest cluster index ever allocated or present in the file.
     pub alloc_end: u64,
-    /// Clusters whose refcount drops by one once the tables are durable.
-    pub pending_frees: Vec<(u64, u64)>,
+    /// Clusters whose refcount drops by one once the tables are durable and no request
+    /// can still use them: `(first cluster, count, gate epoch when queued)`.
+    pub pending_frees: Vec<(u64, u64, u64)>,
+    /// The data requests in flight (see [`IoGate`]).
+    pub gate: Arc<IoGate>,
+    /// Guest clusters whose allocating write is in flight: another write, write-zeroes
+    /// or discard touching them waits (gets Busy) until it is published.
+    pub inflight: HashSet<u64>,
+    /// Requests that got Busy, woken when an allocation finishes.
+    pub waiters: Waiters,
     /// Refcount structures were written since the last sync.
     pub refcounts_unsynced: bool,
     /// Set once metadata was found inconsistent: writes are refused.
@@ -469,18 +482,29 @@ impl Meta {
         Ok(())
     }
 
-    /// Applies the queued refcount decrements. Callers must have written back and
-    /// synced the tables that dropped the references, and must hold the free gate so
-    /// no request is still using the clusters.
+    /// Applies the queued refcount decrements that no request in flight can still
+    /// depend on. Callers must have written back and synced the tables that dropped the
+    /// references.
     pub fn apply_pending_frees(&mut self) -> Result<()> {
+        let now = self.gate.advance();
         let frees = std::mem::take(&mut self.pending_frees);
-        for (i, (c, n)) in frees.iter().enumerate() {
-            if let Err(e) = self.update_refcounts(*c, *n, -1) {
+        for (i, &(c, n, tag)) in frees.iter().enumerate() {
+            if !IoGate::is_safe(tag, now) {
+                self.pending_frees.push((c, n, tag));
+                continue;
+            }
+            if let Err(e) = self.update_refcounts(c, n, -1) {
                 self.pending_frees.extend_from_slice(&frees[i + 1..]);
                 return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// Queues the release of `count` clusters from `first` (see `apply_pending_frees`).
+    pub fn queue_free(&mut self, first: u64, count: u64) {
+        let tag = self.gate.epoch();
+        self.pending_frees.push((first, count, tag));
     }
 
     // ---- L1 / L2 -----------------------------------------------------------------
@@ -582,7 +606,7 @@ impl Meta {
                 let data: Box<[u8]> = self.l2_cache.get(old).unwrap().into();
                 let new = HostOffset(self.alloc_clusters(1)? * self.cluster_size());
                 self.insert_l2(new, data)?;
-                self.pending_frees.push((old.0 / self.cluster_size(), 1));
+                self.queue_free(old.0 / self.cluster_size(), 1);
                 self.set_l1(l1_index, new.0 | COPIED);
                 new
             }
@@ -619,12 +643,12 @@ impl Meta {
         let cs = self.cluster_size();
         match old {
             Mapping::Normal(h, _) | Mapping::Zero(Some(h), _) => {
-                self.pending_frees.push((h.0 / cs, 1));
+                self.queue_free(h.0 / cs, 1);
             }
             Mapping::Compressed(h, len) => {
                 let first = h.0 / cs;
                 let last = (h.0 + len - 1) / cs;
-                self.pending_frees.push((first, last - first + 1));
+                self.queue_free(first, last - first + 1);
             }
             _ => {}
         }
@@ -674,16 +698,32 @@ impl Meta {
         Ok(())
     }
 
-    /// Write-back, then the queued frees, then their refcount blocks, then sync: after
-    /// this everything done so far is durable.
-    pub fn flush_all(&mut self) -> Result<()> {
+    /// Write-back, then the queued frees that are safe, then their refcount blocks.
+    /// A data sync after this makes everything done so far durable.
+    pub fn prepare_flush(&mut self) -> Result<()> {
         self.writeback()?;
         if !self.pending_frees.is_empty() {
             self.sync()?;
             self.apply_pending_frees()?;
             self.write_refblocks()?;
         }
+        Ok(())
+    }
+
+    /// [`Meta::prepare_flush`] and a sync: everything done so far is durable.
+    pub fn flush_all(&mut self) -> Result<()> {
+        self.prepare_flush()?;
         self.sync()
+    }
+
+    /// Whether any guest cluster of `[first, first + count)` has an allocation in
+    /// flight; if so, `waker` is queued to learn when one finishes.
+    pub fn conflicts(&mut self, first: u64, count: u64, waker: &Waker) -> bool {
+        if self.inflight.is_empty() || !(first..first + count).any(|c| self.inflight.contains(&c)) {
+            return false;
+        }
+        self.waiters.0.push(waker.clone());
+        true
     }
 
     // ---- overlap checks ----------------------------------------------------------

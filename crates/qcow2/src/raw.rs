@@ -1,8 +1,9 @@
 //! Raw images: the file is the disk.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
+use crate::direct::{Attempt, DataFiles, DirectIo, ReadPiece, ReadPlan, Waker, WritePiece};
+use crate::direct::{WritePlan, ZeroPlan};
 use crate::error::{Error, IoContext, Result};
 use crate::{check_range, BlockImage, Storage};
 
@@ -63,33 +64,6 @@ impl BlockImage for RawImage {
             .ctx(|| format!("writing raw image at {offset:#x}"))
     }
 
-    fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_range(offset, total, self.size)?;
-        let mut pos = offset;
-        for b in bufs.iter_mut() {
-            self.storage
-                .read_at(b, pos)
-                .ctx(|| format!("reading raw image at {pos:#x}"))?;
-            pos += b.len() as u64;
-        }
-        Ok(())
-    }
-
-    fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
-        self.writable()?;
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_range(offset, total, self.size)?;
-        let mut pos = offset;
-        for b in bufs {
-            self.storage
-                .write_at(b, pos)
-                .ctx(|| format!("writing raw image at {pos:#x}"))?;
-            pos += b.len() as u64;
-        }
-        Ok(())
-    }
-
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size)?;
@@ -104,5 +78,65 @@ impl BlockImage for RawImage {
 
     fn flush(&self) -> Result<()> {
         self.storage.sync().ctx(|| "flushing raw image".into())
+    }
+
+    fn direct(&self) -> Option<&dyn DirectIo> {
+        Some(self)
+    }
+}
+
+/// The file is the disk: every plan is one piece at the same offset, and zeroing is
+/// left to the caller (`fallocate(PUNCH_HOLE)`).
+impl DirectIo for RawImage {
+    fn data_storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn data_files(&self) -> Option<DataFiles> {
+        self.storage.data_files()
+    }
+
+    fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan> {
+        check_range(offset, len as u64, self.size)?;
+        Ok(ReadPlan {
+            pieces: vec![ReadPiece::Host { offset, len }],
+            _ticket: None,
+        })
+    }
+
+    fn begin_write(&self, offset: u64, len: usize, _waker: &Waker) -> Result<Attempt<WritePlan>> {
+        self.writable()?;
+        check_range(offset, len as u64, self.size)?;
+        Ok(Attempt::Ready(WritePlan {
+            pieces: vec![WritePiece::Data { at: 0, offset, len }],
+            allocations: Vec::new(),
+            _ticket: None,
+        }))
+    }
+
+    fn finish_write(&self, _plan: WritePlan, _ok: bool) -> Result<()> {
+        Ok(())
+    }
+
+    fn try_write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _unmap: bool,
+        _waker: &Waker,
+    ) -> Result<Attempt<ZeroPlan>> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        Ok(Attempt::Ready(ZeroPlan {
+            punch: vec![(offset, len)],
+        }))
+    }
+
+    fn try_discard(&self, offset: u64, len: u64, waker: &Waker) -> Result<Attempt<ZeroPlan>> {
+        self.try_write_zeroes(offset, len, true, waker)
+    }
+
+    fn prepare_flush(&self) -> Result<()> {
+        Ok(())
     }
 }

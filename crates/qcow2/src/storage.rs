@@ -26,8 +26,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zeros(self, offset, len)
     }
-    /// The underlying file, when there is one (for locking).
-    fn file(&self) -> Option<&File> {
+    /// Makes `[offset, offset+len)` read as zeros and lie inside the storage (which grows
+    /// if needed), without transferring data where the file system can. The default
+    /// writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
+    /// The file descriptors, when the storage is a file (for io_uring).
+    fn data_files(&self) -> Option<crate::DataFiles> {
         None
     }
 }
@@ -151,28 +157,68 @@ impl Storage for FileStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fallocate only reads its integer arguments; the fd is owned by self.file.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => write_zeros(self, offset, len),
-            _ => Err(e),
+        match fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                ) =>
+            {
+                write_zeros(self, offset, len)
+            }
+            r => r,
         }
     }
 
-    fn file(&self) -> Option<&File> {
-        Some(&self.file)
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        // ZERO_RANGE where the file system has it (ext4, xfs); else punch the range and
+        // allocate it again (tmpfs: a punched range inside the file reads as zeros, and
+        // mode 0 extends the file over a range past its end); else write zeros.
+        if fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE, offset, len).is_ok() {
+            return Ok(());
+        }
+        let punched = fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
+        if punched.is_ok() && fallocate(&self.file, 0, offset, len).is_ok() {
+            return Ok(());
+        }
+        write_zeros(self, offset, len)
+    }
+
+    fn data_files(&self) -> Option<crate::DataFiles> {
+        use std::os::fd::AsRawFd;
+        Some(crate::DataFiles {
+            buffered: self.file.as_raw_fd(),
+            direct: self.direct.as_ref().map(AsRawFd::as_raw_fd),
+        })
+    }
+}
+
+/// `fallocate(2)` on a file.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -22,7 +22,14 @@ fn backend(
     let device = Arc::new(BlkDevice::new(image, f.tracker.clone(), 512, b"x", true));
     let mem = GuestMemoryAtomic::new(guest_memory());
     (
-        BlkBackend::new(device, queues, 256, mem.clone()).unwrap(),
+        BlkBackend::new(
+            device,
+            queues,
+            256,
+            crate::config::Aio::Threads,
+            mem.clone(),
+        )
+        .unwrap(),
         mem,
     )
 }

@@ -11,11 +11,11 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::buffer::AlignedBuf;
 use crate::device::{BlkDevice, CHUNK_SIZE};
 use crate::tracker::{TrackerError, WriteTracker};
 use crate::transport::{process_chain, GuestMem};
 use crate::virtio_blk::SECTOR_SIZE;
+use qcow2::AlignedBuf;
 
 /// Guest RAM size in tests.
 pub const MEM_SIZE: usize = 0x80_0000;

@@ -46,6 +46,15 @@ pub fn memfd(name: &str, len: u64) -> File {
     f
 }
 
+/// The I/O engine of test daemons: io_uring unless `VBLK_TEST_AIO=threads` (the
+/// protocol tests also run the threads engine explicitly).
+pub fn aio() -> vhost_device_blk_bitmap::config::Aio {
+    match std::env::var("VBLK_TEST_AIO").as_deref() {
+        Ok("threads") => vhost_device_blk_bitmap::config::Aio::Threads,
+        _ => vhost_device_blk_bitmap::config::Aio::IoUring,
+    }
+}
+
 /// A daemon served by the library's `Server` in a thread.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
@@ -102,6 +111,7 @@ impl TestDaemon {
                 socket_path: socket.clone(),
                 num_queues,
                 queue_size: 1024,
+                aio: aio(),
             },
             device,
             stop.clone(),

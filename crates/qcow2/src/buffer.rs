@@ -11,6 +11,8 @@ pub const BUFFER_ALIGN: usize = 4096;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Bytes allocated: `len` rounded up to whole pages (at least one).
+    cap: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -19,16 +21,16 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// Allocates `len` bytes (rounded up to a whole number of pages, at least one page).
+    /// Allocates `len` bytes (the allocation is a whole number of pages, at least one).
     pub fn new(len: usize) -> Self {
-        let len = len.max(1).div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN;
-        let layout = Layout::from_size_align(len, BUFFER_ALIGN).expect("valid buffer layout");
+        let cap = len.max(1).div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN;
+        let layout = Layout::from_size_align(cap, BUFFER_ALIGN).expect("valid buffer layout");
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap }
     }
 
     /// Length in bytes.
@@ -36,7 +38,7 @@ impl AlignedBuf {
         self.len
     }
 
-    /// Whether the buffer is empty (never: at least one page is allocated).
+    /// Whether the buffer is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -56,7 +58,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, BUFFER_ALIGN).expect("valid buffer layout");
+        let layout = Layout::from_size_align(self.cap, BUFFER_ALIGN).expect("valid buffer layout");
         // SAFETY: allocated in `new` with exactly this layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
     }
@@ -77,11 +79,11 @@ mod tests {
     #[test]
     fn aligned_and_rounded() {
         let mut b = AlignedBuf::new(5000);
-        assert_eq!(b.len(), 8192);
+        assert_eq!(b.len(), 5000);
         assert_eq!(b.as_slice().as_ptr() as usize % BUFFER_ALIGN, 0);
         assert!(b.as_slice().iter().all(|&x| x == 0));
-        b.as_mut_slice()[8191] = 7;
-        assert_eq!(b.as_slice()[8191], 7);
-        assert_eq!(AlignedBuf::new(0).len(), BUFFER_ALIGN);
+        b.as_mut_slice()[4999] = 7;
+        assert_eq!(b.as_slice()[4999], 7);
+        assert!(AlignedBuf::new(0).is_empty());
     }
 }
