@@ -55,6 +55,19 @@ pub fn aio() -> vhost_device_blk_bitmap::config::Aio {
     }
 }
 
+/// How a [`TestDaemon`] serves.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOpts {
+    /// Request queues (0 means 1).
+    pub num_queues: usize,
+    /// An empty qcow2 image instead of a raw one filled with [`pattern`].
+    pub qcow2: bool,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// The I/O engine; `None` = [`aio`].
+    pub aio: Option<vhost_device_blk_bitmap::config::Aio>,
+}
+
 /// A daemon served by the library's `Server` in a thread.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
@@ -83,21 +96,58 @@ impl TestDaemon {
         wrap: impl FnOnce(Arc<dyn BlockImage>) -> Arc<dyn BlockImage>,
         tracker: Arc<dyn WriteTracker>,
     ) -> Self {
+        Self::start_opts(
+            &DaemonOpts {
+                num_queues,
+                ..Default::default()
+            },
+            wrap,
+            tracker,
+        )
+    }
+
+    /// A daemon with every option: image format, O_DIRECT, I/O engine.
+    pub fn start_opts(
+        opts: &DaemonOpts,
+        wrap: impl FnOnce(Arc<dyn BlockImage>) -> Arc<dyn BlockImage>,
+        tracker: Arc<dyn WriteTracker>,
+    ) -> Self {
         let _ = env_logger::builder().is_test(true).try_init();
+        let num_queues = opts.num_queues.max(1);
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.raw");
-        let data: Vec<u8> = (0..DISK_SIZE).map(pattern).collect();
-        std::fs::write(&image, data).unwrap();
+        let image = if opts.qcow2 {
+            // An empty qcow2 (64 KiB clusters): every first write allocates.
+            let image = dir.path().join("disk.qcow2");
+            qcow2::create(
+                &image,
+                &qcow2::CreateOptions {
+                    size: DISK_SIZE,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            image
+        } else {
+            let image = dir.path().join("disk.raw");
+            let data: Vec<u8> = (0..DISK_SIZE).map(pattern).collect();
+            std::fs::write(&image, data).unwrap();
+            image
+        };
         let socket = dir.path().join("vhost.sock");
         let disk = open_disk(&DiskOptions {
             path: image.clone(),
-            format: Some(ImageFormat::Raw),
+            format: Some(if opts.qcow2 {
+                ImageFormat::Qcow2
+            } else {
+                ImageFormat::Raw
+            }),
             read_only: false,
-            direct: false,
+            direct: opts.direct,
             create_size: None,
             known_autoclear: 0,
         })
         .unwrap();
+        let aio = opts.aio.unwrap_or_else(aio);
         let device = Arc::new(BlkDevice::new(
             wrap(disk.image.clone()),
             tracker,
@@ -111,7 +161,7 @@ impl TestDaemon {
                 socket_path: socket.clone(),
                 num_queues,
                 queue_size: 1024,
-                aio: aio(),
+                aio,
             },
             device,
             stop.clone(),
@@ -139,6 +189,14 @@ impl TestDaemon {
     pub fn stop(mut self) -> Result<(), ServerError> {
         self.stop.stop();
         self.thread.take().unwrap().join().unwrap()
+    }
+
+    /// Stops the daemon and hands over its folder (image included) for inspection.
+    pub fn stop_keep_dir(mut self) -> (Result<(), ServerError>, tempfile::TempDir) {
+        self.stop.stop();
+        let r = self.thread.take().unwrap().join().unwrap();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (r, dir)
     }
 
     pub fn image_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
@@ -330,6 +388,96 @@ impl QueueDriver {
             .unwrap();
         fence(Ordering::SeqCst);
         self.kick.write(1).unwrap();
+    }
+
+    /// Places several chains at once (chain `i` uses descriptors from `i * stride`) and
+    /// kicks once; returns their head indices in submission order.
+    pub fn submit_batch(&mut self, chains: &[Vec<(u64, u32, bool)>], stride: u16) -> Vec<u16> {
+        let avail = self.base + 0x1000;
+        let mut heads = Vec::new();
+        for (c, bufs) in chains.iter().enumerate() {
+            let first = c as u16 * stride;
+            assert!(bufs.len() <= stride as usize && first + stride <= QSIZE);
+            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+                let idx = first + i as u16;
+                let mut flags = 0u16;
+                if i + 1 < bufs.len() {
+                    flags |= 1; // NEXT
+                }
+                if write {
+                    flags |= 2; // WRITE
+                }
+                let d = self.base + 16 * u64::from(idx);
+                self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
+                self.mem
+                    .write_obj(len.to_le(), GuestAddress(d + 8))
+                    .unwrap();
+                self.mem
+                    .write_obj(flags.to_le(), GuestAddress(d + 12))
+                    .unwrap();
+                self.mem
+                    .write_obj((idx + 1).to_le(), GuestAddress(d + 14))
+                    .unwrap();
+            }
+            let slot = u64::from(self.next_avail % QSIZE);
+            self.mem
+                .write_obj(first.to_le(), GuestAddress(avail + 4 + 2 * slot))
+                .unwrap();
+            self.next_avail = self.next_avail.wrapping_add(1);
+            heads.push(first);
+        }
+        fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(self.next_avail.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+        heads
+    }
+
+    /// Waits for `n` more used entries; returns (head, used length) in used-ring order.
+    pub fn wait_used(&mut self, n: usize) -> Vec<(u16, u32)> {
+        let used = self.base + 0x2000;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut out = Vec::new();
+        while out.len() < n {
+            let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+            fence(Ordering::SeqCst);
+            while self.last_used != idx && out.len() < n {
+                let slot = u64::from(self.last_used % QSIZE);
+                let id: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(used + 4 + 8 * slot))
+                    .unwrap();
+                let len: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(used + 8 + 8 * slot))
+                    .unwrap();
+                out.push((id as u16, len));
+                self.last_used = self.last_used.wrapping_add(1);
+            }
+            if out.len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "queue {}: only {} of {n} requests completed",
+                    self.q,
+                    out.len()
+                );
+                thread::sleep(Duration::from_micros(100));
+            }
+        }
+        let _ = self.call.read();
+        out
+    }
+
+    /// The used index the device last published.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap()
+    }
+
+    /// Guest memory of the driver.
+    pub fn mem(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
     }
 
     /// Whether the oldest submitted request has completed.
