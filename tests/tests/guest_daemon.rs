@@ -172,23 +172,36 @@ fn run_guest(socket: &Path, queues: u32, script: &GuestScript, backend: &Backend
 /// write cache on; two queues) with a 64 KiB bitmap the daemon records into, and every
 /// check after a SIGTERM: `qemu-img check`, flags exactly `auto`, contents equal to the
 /// model, dirty granules exactly the touched ones.
-#[test]
-fn daemon_guest_standard_scenario_two_queues() {
+fn standard_scenario_two_queues(aio: &str) {
     let Some(bin) = bin() else { return };
     let dir = tempfile::tempdir().expect("temporary directory");
     let scenario = Scenario::default();
     let report = scenario
         .run(dir.path(), 2, |image, socket| {
             Backend::spawn(
-                daemon_command(&bin, image, socket, 2, &["--bitmap", "b0"]),
+                daemon_command(&bin, image, socket, 2, &["--bitmap", "b0", "--aio", aio]),
                 socket,
                 STOP_TIMEOUT,
             )
         })
         .unwrap_or_else(|e| panic!("scenario: {e}"));
-    eprintln!("guest finished in {:.1?}", report.guest_elapsed);
+    eprintln!(
+        "guest finished in {:.1?} (--aio {aio})",
+        report.guest_elapsed
+    );
     let total: u64 = report.dirty.iter().map(|e| e.1).sum();
     assert!(total > 0 && total < SIZE / 4, "dirty bytes {total}");
+}
+
+#[test]
+fn daemon_guest_standard_scenario_two_queues() {
+    standard_scenario_two_queues("io_uring");
+}
+
+/// The same with the synchronous engine (`--aio threads`).
+#[test]
+fn daemon_guest_standard_scenario_two_queues_threads() {
+    standard_scenario_two_queues("threads");
 }
 
 /// Two VMs one after the other (a reboot) on one daemon with two bitmaps (64 KiB, and a

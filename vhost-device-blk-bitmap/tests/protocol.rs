@@ -249,8 +249,27 @@ fn stop_while_connected_ends_cleanly() {
 }
 
 #[test]
-fn migration_log_marks_exactly_the_written_pages() {
-    let daemon = TestDaemon::start(1);
+fn migration_log_marks_exactly_the_written_pages_io_uring() {
+    migration_log_marks_exactly_the_written_pages(vhost_device_blk_bitmap::config::Aio::IoUring);
+}
+
+#[test]
+fn migration_log_marks_exactly_the_written_pages_threads() {
+    migration_log_marks_exactly_the_written_pages(vhost_device_blk_bitmap::config::Aio::Threads);
+}
+
+/// Under io_uring the kernel writes the data pages behind vm-memory's back: the daemon
+/// must log them itself.
+fn migration_log_marks_exactly_the_written_pages(aio: vhost_device_blk_bitmap::config::Aio) {
+    let daemon = TestDaemon::start_opts(
+        &common::DaemonOpts {
+            num_queues: 1,
+            aio: Some(aio),
+            ..Default::default()
+        },
+        |i| i,
+        std::sync::Arc::new(vhost_device_blk_bitmap::tracker::NoopTracker),
+    );
     let mut d = Driver::connect(&daemon.socket, 1);
     // Warm up: one request so the ring state is settled before logging starts.
     assert_eq!(d.request(0, T_FLUSH, 0, None), (0, 1));

@@ -3,6 +3,7 @@
 //! it can keep QEMU's write orders.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::HostOffset;
 
@@ -10,7 +11,8 @@ use crate::HostOffset;
 struct Slot {
     data: Box<[u8]>,
     dirty: bool,
-    used: u64,
+    /// Clock value of the last use (atomic: shared lookups record uses too).
+    used: AtomicU64,
 }
 
 /// Cached tables with least-recently-used eviction of clean entries.
@@ -18,7 +20,7 @@ struct Slot {
 pub(crate) struct TableCache {
     slots: HashMap<u64, Slot>,
     capacity: usize,
-    clock: u64,
+    clock: AtomicU64,
 }
 
 impl TableCache {
@@ -27,7 +29,7 @@ impl TableCache {
         TableCache {
             slots: HashMap::new(),
             capacity: capacity.max(4),
-            clock: 0,
+            clock: AtomicU64::new(0),
         }
     }
 
@@ -41,22 +43,23 @@ impl TableCache {
         self.slots.len() >= self.capacity && self.slots.values().all(|s| s.dirty)
     }
 
-    /// The table at `offset`, marking it used.
-    pub fn get(&mut self, offset: HostOffset) -> Option<&[u8]> {
-        self.clock += 1;
-        let clock = self.clock;
-        self.slots.get_mut(&offset.0).map(|s| {
-            s.used = clock;
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Relaxed) + 1
+    }
+
+    /// The table at `offset`, marking it used (callable under a shared lock).
+    pub fn get(&self, offset: HostOffset) -> Option<&[u8]> {
+        self.slots.get(&offset.0).map(|s| {
+            s.used.store(self.tick(), Relaxed);
             &*s.data
         })
     }
 
     /// The table at `offset` for modification; it becomes dirty.
     pub fn get_mut(&mut self, offset: HostOffset) -> Option<&mut [u8]> {
-        self.clock += 1;
-        let clock = self.clock;
+        let clock = self.tick();
         self.slots.get_mut(&offset.0).map(|s| {
-            s.used = clock;
+            s.used.store(clock, Relaxed);
             s.dirty = true;
             &mut *s.data
         })
@@ -71,7 +74,7 @@ impl TableCache {
                 .slots
                 .iter()
                 .filter(|(_, s)| !s.dirty)
-                .map(|(k, s)| (s.used, *k))
+                .map(|(k, s)| (s.used.load(Relaxed), *k))
                 .collect();
             let n = (self.capacity / 4).clamp(1, clean.len().max(1));
             if !clean.is_empty() {
@@ -83,15 +86,8 @@ impl TableCache {
                 }
             }
         }
-        self.clock += 1;
-        self.slots.insert(
-            offset.0,
-            Slot {
-                data,
-                dirty,
-                used: self.clock,
-            },
-        );
+        let used = AtomicU64::new(self.tick());
+        self.slots.insert(offset.0, Slot { data, dirty, used });
     }
 
     /// Offsets of dirty tables, in ascending order.

@@ -3,13 +3,11 @@
 //! `qemu-img check` does; optionally repair leaks (and refcounts that are too low).
 
 use std::fmt;
-use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::image::{read_exact_at, OpenOptions, Qcow2Image};
 use crate::meta::{
-    compressed_extent, Meta, COMPRESSED, COPIED, L1E_RESERVED, L2E_RESERVED, OFFSET_MASK,
-    REFT_OFFSET_MASK,
+    compressed_extent, read_exact_at, Meta, COMPRESSED, COPIED, L1E_RESERVED, L2E_RESERVED,
+    OFFSET_MASK, REFT_OFFSET_MASK,
 };
 use crate::EXT_BITMAPS;
 
@@ -294,16 +292,12 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Checks an open image; with `repair` fixes what it may (the image must be writable).
-pub fn check_image(img: &Qcow2Image, repair: Repair) -> Result<CheckReport> {
+/// Recounts every reference from the metadata (header, L1/L2 tables, refcount
+/// structures, snapshots, bitmaps) and compares it with the refcounts; with `repair`
+/// fixes what it may. The caller holds the metadata lock with no data request in
+/// flight and has written back the caches.
+pub(crate) fn check_metadata(m: &mut Meta, repair: Repair) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    if repair != Repair::None && crate::BlockImage::is_read_only(img) {
-        return Err(Error::ReadOnly);
-    }
-    if !crate::BlockImage::is_read_only(img) {
-        img.flush_all()?;
-    }
-    let mut m = img.lock();
     let cs = m.cluster_size();
     let file_len = m
         .storage
@@ -427,15 +421,4 @@ pub fn check_image(img: &Qcow2Image, repair: Repair) -> Result<CheckReport> {
     report.allocated_clusters = allocated;
     report.image_end_offset = end;
     Ok(report)
-}
-
-/// Opens the image at `path` (read-write when repairing) and checks it.
-pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
-    let opts = OpenOptions {
-        read_only: repair == Repair::None,
-        known_autoclear: crate::AUTOCLEAR_BITMAPS,
-        ..Default::default()
-    };
-    let img = Qcow2Image::open(path, &opts)?;
-    check_image(&img, repair)
 }

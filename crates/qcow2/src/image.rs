@@ -14,7 +14,7 @@
 //!   a read or write still targets it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::buffer::AlignedBuf;
 use crate::cache::TableCache;
@@ -63,7 +63,7 @@ pub struct Qcow2Image {
     version: u32,
     compression: CompressionType,
     backing: Option<Arc<dyn BlockImage>>,
-    meta: Mutex<Meta>,
+    meta: RwLock<Meta>,
     gate: Arc<IoGate>,
 }
 
@@ -252,7 +252,7 @@ impl Qcow2Image {
             version: meta.header.version,
             compression: meta.header.compression_type,
             backing,
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
             gate,
         };
         if !opts.read_only {
@@ -267,7 +267,7 @@ impl Qcow2Image {
         let dirty = self.lock().header.incompatible_features & INCOMPAT_DIRTY != 0;
         if dirty {
             log::info!("qcow2 image was not closed cleanly: rebuilding refcounts");
-            let report = crate::check::check_image(self, crate::check::Repair::All)?;
+            let report = self.check(crate::check::Repair::All)?;
             if report.corruptions > report.corruptions_fixed {
                 return Err(Error::InvalidImage(format!(
                     "could not repair the refcounts of an image left dirty: {report}"
@@ -288,10 +288,34 @@ impl Qcow2Image {
         Ok(())
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+    /// Checks the image's metadata (as `qemu-img check`); with `repair` fixes what it
+    /// may (the image must be writable). Runs with the data path quiesced: it fails
+    /// while an allocating write is in flight.
+    pub fn check(&self, repair: crate::check::Repair) -> Result<crate::check::CheckReport> {
+        if repair != crate::check::Repair::None && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.flush_all()?;
+        let mut m = self.lock();
+        if !m.inflight.is_empty() {
+            return Err(Error::Unsupported(
+                "cannot check an image while writes are in flight".into(),
+            ));
+        }
+        crate::check::check_metadata(&mut m, repair)
+    }
+
+    /// The metadata, exclusively (every change, cache misses).
+    pub(crate) fn lock(&self) -> RwLockWriteGuard<'_, Meta> {
         // A panic while holding the lock cannot leave the metadata half-updated in a way
         // the on-disk order does not tolerate, so a poisoned lock is still usable.
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+        self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The metadata, shared: lookups that the caches answer (reads and rewrites of
+    /// allocated clusters on several queues do not wait for each other).
+    fn read_meta(&self) -> RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Cluster size in bytes.
@@ -332,10 +356,29 @@ impl Qcow2Image {
     // ---- reads -------------------------------------------------------------------
 
     /// Splits a guest range into sources, cluster by cluster, merging contiguous host
-    /// pieces (under the metadata lock).
+    /// pieces: under the shared lock when the caches know every cluster, else under the
+    /// exclusive one.
     fn map_range(&self, offset: u64, len: u64) -> Result<Vec<(Source, usize)>> {
-        let cs = self.cluster_size();
+        {
+            let m = self.read_meta();
+            if let Some(plan) = self.sources(offset, len, |gc| Ok(m.peek_mapping(gc)))? {
+                return Ok(plan);
+            }
+        }
         let mut m = self.lock();
+        self.sources(offset, len, |gc| m.mapping(gc).map(Some))?
+            .ok_or_else(|| Error::InvalidImage("guest range could not be mapped".into()))
+    }
+
+    /// The sources of `[offset, offset+len)` given a mapping function; `None` as soon as
+    /// it does not know a cluster.
+    fn sources(
+        &self,
+        offset: u64,
+        len: u64,
+        mut mapping: impl FnMut(u64) -> Result<Option<Mapping>>,
+    ) -> Result<Option<Vec<(Source, usize)>>> {
+        let cs = self.cluster_size();
         let mut plan: Vec<(Source, usize)> = Vec::new();
         let mut pos = offset;
         let end = offset + len;
@@ -343,7 +386,10 @@ impl Qcow2Image {
             let gc = pos / cs;
             let in_off = pos % cs;
             let n = (cs - in_off).min(end - pos);
-            let src = match m.mapping(gc)? {
+            let Some(map) = mapping(gc)? else {
+                return Ok(None);
+            };
+            let src = match map {
                 Mapping::Normal(h, _) => Source::Host(h.0 + in_off),
                 Mapping::Zero(..) => Source::Zero,
                 Mapping::Unallocated if self.backing.is_some() => Source::Backing(pos),
@@ -366,7 +412,7 @@ impl Qcow2Image {
             }
             pos += n;
         }
-        Ok(plan)
+        Ok(Some(plan))
     }
 
     /// Plans a read: the mapping is looked up under the lock; backing-file and compressed
@@ -474,6 +520,16 @@ impl Qcow2Image {
         let cs = self.cluster_size();
         let end = offset + len as u64;
         let first_gc = offset / cs;
+        // Fast path: every cluster is ours to rewrite in place and none is being
+        // allocated; the shared lock is enough.
+        {
+            let m = self.read_meta();
+            self.writable(&m)?;
+            if let Some(pieces) = self.in_place(&m, offset, end) {
+                plan.pieces = pieces;
+                return Ok(Attempt::Ready(plan));
+            }
+        }
         // Copy-on-write to do once the lock is released.
         let mut cow: Vec<Cow> = Vec::new();
         {
@@ -497,6 +553,29 @@ impl Qcow2Image {
             return Err(e);
         }
         Ok(Attempt::Ready(plan))
+    }
+
+    /// The pieces of a write that only rewrites clusters in place, if it is one.
+    fn in_place(&self, m: &Meta, offset: u64, end: u64) -> Option<Vec<WritePiece>> {
+        let cs = self.cluster_size();
+        let mut pieces = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            if m.inflight.contains(&gc) {
+                return None;
+            }
+            match m.peek_mapping(gc)? {
+                Mapping::Normal(h, true) if m.data_cluster_ok(h) => {
+                    push_data(&mut pieces, (pos - offset) as usize, h.0 + in_off, n as usize)
+                }
+                _ => return None,
+            }
+            pos += n;
+        }
+        Some(pieces)
     }
 
     /// The locked part of `begin_write_inner`: maps or allocates every cluster of
@@ -1051,11 +1130,20 @@ impl Drop for Qcow2Image {
     }
 }
 
-/// Reads a whole file region (used by check for tables not in the caches).
-pub(crate) fn read_exact_at(storage: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
-    let mut v = vec![0u8; len];
-    storage
-        .read_at(&mut v, off)
-        .ctx(|| format!("reading metadata at {off:#x}"))?;
-    Ok(v)
+/// Checks an open image (see [`Qcow2Image::check`]).
+pub fn check_image(
+    img: &Qcow2Image,
+    repair: crate::check::Repair,
+) -> Result<crate::check::CheckReport> {
+    img.check(repair)
+}
+
+/// Opens the image at `path` (read-write when repairing) and checks it.
+pub fn check(path: &Path, repair: crate::check::Repair) -> Result<crate::check::CheckReport> {
+    let opts = OpenOptions {
+        read_only: repair == crate::check::Repair::None,
+        known_autoclear: crate::AUTOCLEAR_BITMAPS,
+        ..Default::default()
+    };
+    Qcow2Image::open(path, &opts)?.check(repair)
 }

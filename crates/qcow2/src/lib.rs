@@ -27,7 +27,7 @@ pub mod meta_api;
 mod raw;
 
 pub use buffer::AlignedBuf;
-pub use check::{check, check_image, CheckReport, Repair};
+pub use check::{CheckReport, Repair};
 pub use create::{create, create_on, CreateOptions};
 pub use direct::{
     Attempt, DataFiles, DirectIo, ReadPiece, ReadPlan, Waker, WritePiece, WritePlan, ZeroPlan,
@@ -35,7 +35,7 @@ pub use direct::{
 pub use error::{Error, Result};
 pub use gate::IoTicket;
 pub use header::CompressionType;
-pub use image::{is_qcow2, OpenOptions, Qcow2Image};
+pub use image::{check, check_image, is_qcow2, OpenOptions, Qcow2Image};
 pub use meta_api::{HeaderUpdate, ImageMetadata, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 pub use offsets::{GuestOffset, HostOffset};
 pub use raw::RawImage;

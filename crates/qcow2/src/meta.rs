@@ -584,6 +584,42 @@ impl Meta {
         Ok(Mapping::Normal(host, copied))
     }
 
+    /// The mapping of a guest cluster from the caches alone, for lookups under a shared
+    /// lock: `None` when its L2 table is not cached or anything about the entries needs
+    /// the checks (and the corruption handling) of [`Meta::mapping`].
+    pub fn peek_mapping(&self, guest_cluster: u64) -> Option<Mapping> {
+        let cs = self.cluster_size();
+        let n = self.l2_entries();
+        let Some(&e) = self.l1.get((guest_cluster / n) as usize) else {
+            return Some(Mapping::Unallocated);
+        };
+        let off = e & OFFSET_MASK;
+        if e & L1E_RESERVED != 0 || off & (cs - 1) != 0 || (off != 0 && off < cs) {
+            return None;
+        }
+        if off == 0 {
+            return Some(Mapping::Unallocated);
+        }
+        let t = self.l2_cache.get(HostOffset(off))?;
+        let idx = (guest_cluster % n) as usize * 8;
+        let entry = u64::from_be_bytes(t.get(idx..idx + 8)?.try_into().ok()?);
+        if entry & COMPRESSED != 0 {
+            let (off, len) = compressed_extent(entry, self.cluster_bits);
+            return Some(Mapping::Compressed(HostOffset(off), len));
+        }
+        let off = entry & OFFSET_MASK;
+        if entry & L2E_RESERVED != 0 || off & (cs - 1) != 0 || (off != 0 && off < cs) {
+            return None;
+        }
+        let host = (off != 0).then_some(HostOffset(off));
+        let copied = entry & COPIED != 0;
+        Some(match host {
+            _ if entry & ZERO != 0 && self.header.version >= 3 => Mapping::Zero(host, copied),
+            None => Mapping::Unallocated,
+            Some(h) => Mapping::Normal(h, copied),
+        })
+    }
+
     pub fn mapping(&mut self, guest_cluster: u64) -> Result<Mapping> {
         let e = self.l2_entry(guest_cluster)?;
         self.decode(e)
@@ -732,6 +768,16 @@ impl Meta {
     /// go to host cluster `h` does not hit the header, the active L1 table or the
     /// refcount table; a hostile image whose L2 entries point there is marked corrupt.
     pub fn check_data_cluster(&mut self, h: HostOffset) -> Result<()> {
+        if !self.data_cluster_ok(h) {
+            return Err(self.corrupt(format!(
+                "data cluster at {h} overlaps the header, L1 table or refcount table"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The test of [`Meta::check_data_cluster`], without marking anything.
+    pub fn data_cluster_ok(&self, h: HostOffset) -> bool {
         let cs = self.cluster_size();
         let l1 = (
             self.header.l1_table_offset,
@@ -742,12 +788,7 @@ impl Meta {
             u64::from(self.header.refcount_table_clusters) * cs,
         );
         let hits = |(s, l): (u64, u64)| l != 0 && h.0 < s + l && s < h.0 + cs;
-        if h.0 < cs || hits(l1) || hits(rt) {
-            return Err(self.corrupt(format!(
-                "data cluster at {h} overlaps the header, L1 table or refcount table"
-            )));
-        }
-        Ok(())
+        !(h.0 < cs || hits(l1) || hits(rt))
     }
 
     /// Fails if `[off, off+len)` overlaps metadata the engine owns.
@@ -852,4 +893,13 @@ mod tests {
         Meta::rb_set(4, &mut block, 1, 0xa);
         assert_eq!(block, [0xa0]);
     }
+}
+
+/// Reads a whole file region (tables not in the caches).
+pub(crate) fn read_exact_at(storage: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
+    let mut v = vec![0u8; len];
+    storage
+        .read_at(&mut v, off)
+        .ctx(|| format!("reading metadata at {off:#x}"))?;
+    Ok(v)
 }
