@@ -339,9 +339,9 @@ pub(crate) fn check_metadata(m: &mut Meta, repair: Repair) -> Result<CheckReport
     }
     let mut copied = Vec::new();
     let l1 = m.l1.clone();
-    count_l1(&m, &mut cnt, &l1, true, &mut copied)?;
-    count_snapshots(&m, &mut cnt)?;
-    count_bitmaps(&m, &mut cnt)?;
+    count_l1(m, &mut cnt, &l1, true, &mut copied)?;
+    count_snapshots(m, &mut cnt)?;
+    count_bitmaps(m, &mut cnt)?;
     let refs = std::mem::take(&mut cnt.refs);
 
     // Compare, repairing as asked.
