@@ -855,6 +855,15 @@ impl Meta {
     }
 }
 
+/// Reads a whole file region (tables not in the caches).
+pub(crate) fn read_exact_at(storage: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
+    let mut v = vec![0u8; len];
+    storage
+        .read_at(&mut v, off)
+        .ctx(|| format!("reading metadata at {off:#x}"))?;
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -893,13 +902,4 @@ mod tests {
         Meta::rb_set(4, &mut block, 1, 0xa);
         assert_eq!(block, [0xa0]);
     }
-}
-
-/// Reads a whole file region (tables not in the caches).
-pub(crate) fn read_exact_at(storage: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
-    let mut v = vec![0u8; len];
-    storage
-        .read_at(&mut v, off)
-        .ctx(|| format!("reading metadata at {off:#x}"))?;
-    Ok(v)
 }
