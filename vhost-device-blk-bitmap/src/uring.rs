@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -41,35 +42,43 @@ const DIRECT_ALIGN: usize = qcow2::DIRECT_ALIGN;
 /// GET_VRING_BASE and a disconnect can wait for them.
 #[derive(Debug, Default)]
 pub struct InflightCount {
-    count: Mutex<usize>,
+    count: AtomicUsize,
+    lock: Mutex<()>,
     cv: Condvar,
 }
 
 impl InflightCount {
-    fn add(&self, n: isize) {
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        *c = c.saturating_add_signed(n);
-        if *c == 0 {
+    fn inc(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn dec(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Taking the lock orders this with a waiter between its check and its wait.
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.cv.notify_all();
         }
     }
 
     /// Requests in flight now.
     pub fn get(&self) -> usize {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+        self.count.load(Ordering::SeqCst)
     }
 
     /// Blocks until no request is in flight (logging every few seconds while waiting).
     pub fn wait_idle(&self, what: &str) {
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *c != 0 {
-            let (g, timeout) = self
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.get() != 0 {
+            let (ng, timeout) = self
                 .cv
-                .wait_timeout(c, Duration::from_secs(5))
+                .wait_timeout(g, Duration::from_secs(5))
                 .unwrap_or_else(|p| p.into_inner());
-            c = g;
-            if timeout.timed_out() && *c != 0 {
-                warn!("{what}: still waiting for {} request(s) in flight", *c);
+            g = ng;
+            if timeout.timed_out() && self.get() != 0 {
+                warn!(
+                    "{what}: still waiting for {} request(s) in flight",
+                    self.get()
+                );
             }
         }
     }
@@ -231,7 +240,7 @@ impl UringQueue {
                 return;
             }
         };
-        self.inflight.add(1);
+        self.inflight.inc();
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -509,7 +518,7 @@ impl UringQueue {
         let entry = opcode::Fsync::new(types::Fd(fd))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        self.push_entries(slot, vec![(entry, None)]);
+        self.push_entries(slot, vec![(entry, None)], io);
     }
 
     /// Queues a request's transfers; completes it at once when there are none.
@@ -518,16 +527,26 @@ impl UringQueue {
             return self.transfers_done(slot, io);
         }
         let entries = sqes.into_iter().map(|s| (s.entry(), Some(s))).collect();
-        self.push_entries(slot, entries);
+        self.push_entries(slot, entries, io);
     }
 
-    fn push_entries(&mut self, slot: usize, entries: Vec<(io_uring::squeue::Entry, Option<Sqe>)>) {
+    fn push_entries(
+        &mut self,
+        slot: usize,
+        entries: Vec<(io_uring::squeue::Entry, Option<Sqe>)>,
+        io: &dyn DirectIo,
+    ) {
         let req = self.slots[slot].as_mut().expect("live request");
+        // Count every entry before the first is pushed: completions reaped while we
+        // push (a full ring) must not see the request finished half-way.
+        req.pending += entries.len();
+        let mut tagged = Vec::with_capacity(entries.len());
         for (entry, sqe) in entries {
             let idx = req.sqes.len();
             req.sqes.push(sqe);
-            req.pending += 1;
-            let entry = entry.user_data(((slot as u64) << SQE_BITS) | idx as u64);
+            tagged.push(entry.user_data(((slot as u64) << SQE_BITS) | idx as u64));
+        }
+        for entry in tagged {
             loop {
                 // SAFETY: every buffer the entry points at (iovec arrays, the guest memory
                 // they describe, bounce buffers) lives in `self.slots[slot]` — kept alive
@@ -537,12 +556,15 @@ impl UringQueue {
                 if pushed.is_ok() {
                     break;
                 }
-                // A full submission queue: hand what we have to the kernel and retry.
-                if let Err(e) = self.ring.submit() {
-                    if e.raw_os_error() != Some(libc::EBUSY) {
+                // A full submission queue: hand what we have to the kernel and retry;
+                // if the kernel wants completions reaped first, reap them.
+                match self.ring.submit() {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap_cqes(io),
+                    Err(e) => {
                         warn!("io_uring submit failed: {e}");
+                        std::thread::yield_now();
                     }
-                    std::thread::yield_now();
                 }
             }
         }
@@ -566,19 +588,7 @@ impl UringQueue {
     pub fn reap(&mut self, io: &dyn DirectIo) {
         // Clear the eventfd before looking, so no wake-up in between is lost.
         let _ = self.event.read();
-        loop {
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            if cqes.is_empty() {
-                break;
-            }
-            for (ud, res) in cqes {
-                self.on_cqe(ud, res, io);
-            }
-        }
+        self.reap_cqes(io);
         for _ in 0..self.deferred.len() {
             let Some(slot) = self.deferred.pop_front() else {
                 break;
@@ -590,6 +600,23 @@ impl UringQueue {
             }
         }
         self.submit();
+    }
+
+    /// Handles every completion the ring holds.
+    fn reap_cqes(&mut self, io: &dyn DirectIo) {
+        loop {
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            if cqes.is_empty() {
+                return;
+            }
+            for (ud, res) in cqes {
+                self.on_cqe(ud, res, io);
+            }
+        }
     }
 
     fn on_cqe(&mut self, ud: u64, res: i32, io: &dyn DirectIo) {
@@ -679,7 +706,7 @@ impl UringQueue {
         };
         self.done.push((req.chain.head, used));
         self.free.push(slot);
-        self.inflight.add(-1);
+        self.inflight.dec();
     }
 
     /// Completed requests waiting for the used ring.

@@ -481,3 +481,67 @@ fn unaligned_buffers_with_direct_io_uring() {
 fn unaligned_buffers_with_direct_threads() {
     unaligned_buffers_with_direct(Aio::Threads);
 }
+
+/// 512-byte clusters allocated in reverse order: every 64 KiB request is 128 separate
+/// host pieces, so a batch of 32 needs far more entries than the ring has (a full
+/// submission queue must not fail requests).
+#[test]
+fn fragmented_image_overflows_the_ring_io_uring() {
+    let daemon = TestDaemon::start_opts(
+        &DaemonOpts {
+            num_queues: 1,
+            qcow2: true,
+            cluster_size: 512,
+            aio: Some(Aio::IoUring),
+            ..Default::default()
+        },
+        |i| i,
+        Arc::new(NoopTracker),
+    );
+    let mut d = Driver::connect(&daemon.socket, 1);
+    let qd = &mut d.queues[0];
+    let total = QD as u64 * 0x1_0000;
+    // Allocate sector by sector from the end, 32 sectors per batch.
+    let mut sectors: Vec<u64> = (0..total / 512).rev().collect();
+    while !sectors.is_empty() {
+        let batch: Vec<u64> = sectors.drain(..QD.min(sectors.len())).collect();
+        let chains: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                qd.mem()
+                    .write_slice(&[(s % 251) as u8; 512], GuestAddress(buf_addr(0, i)))
+                    .unwrap();
+                chain(qd, i, T_OUT, s, Some((buf_addr(0, i), 512, false)))
+            })
+            .collect();
+        run_batch(qd, &chains);
+    }
+    let reads: Vec<_> = (0..QD)
+        .map(|i| {
+            chain(
+                qd,
+                i,
+                T_IN,
+                i as u64 * 128,
+                Some((buf_addr(0, i), 0x1_0000, true)),
+            )
+        })
+        .collect();
+    run_batch(qd, &reads);
+    for i in 0..QD {
+        let mut got = vec![0u8; 0x1_0000];
+        qd.mem()
+            .read_slice(&mut got, GuestAddress(buf_addr(0, i)))
+            .unwrap();
+        for (k, b) in got.chunks(512).enumerate() {
+            let s = i as u64 * 128 + k as u64;
+            assert!(b.iter().all(|&x| x == (s % 251) as u8), "sector {s}");
+        }
+    }
+    drop(d);
+    let image = daemon.image.clone();
+    let (r, _dir) = daemon.stop_keep_dir();
+    r.unwrap();
+    qemu_img_check(&image);
+}

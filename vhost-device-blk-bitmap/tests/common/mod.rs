@@ -62,6 +62,8 @@ pub struct DaemonOpts {
     pub num_queues: usize,
     /// An empty qcow2 image instead of a raw one filled with [`pattern`].
     pub qcow2: bool,
+    /// Cluster size of the qcow2 image (0: the default, 64 KiB).
+    pub cluster_size: u64,
     /// O_DIRECT.
     pub direct: bool,
     /// The I/O engine; `None` = [`aio`].
@@ -122,6 +124,11 @@ impl TestDaemon {
                 &image,
                 &qcow2::CreateOptions {
                     size: DISK_SIZE,
+                    cluster_size: if opts.cluster_size == 0 {
+                        65536
+                    } else {
+                        opts.cluster_size
+                    },
                     ..Default::default()
                 },
             )
