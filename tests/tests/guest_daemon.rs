@@ -210,6 +210,16 @@ fn daemon_guest_standard_scenario_two_queues_threads() {
 /// first one's data, and after SIGTERM both bitmaps mark exactly the touched granules.
 #[test]
 fn daemon_guest_reboot_keeps_bitmaps_exact_and_clean_between_vms() {
+    reboot_scenario("io_uring");
+}
+
+/// The same with the synchronous engine.
+#[test]
+fn daemon_guest_reboot_keeps_bitmaps_exact_and_clean_between_vms_threads() {
+    reboot_scenario("threads");
+}
+
+fn reboot_scenario(aio: &str) {
     let Some(bin) = bin() else { return };
     let dir = tempfile::tempdir().expect("temporary directory");
     let image = dir.path().join("disk.qcow2");
@@ -243,7 +253,14 @@ fn daemon_guest_reboot_keeps_bitmaps_exact_and_clean_between_vms() {
         &image,
         &socket,
         2,
-        &["--bitmap", "b0", "--bitmap", "f4,granularity=4K"],
+        &[
+            "--bitmap",
+            "b0",
+            "--bitmap",
+            "f4,granularity=4K",
+            "--aio",
+            aio,
+        ],
     );
     assert_eq!(
         bitmaps(&image),
@@ -301,13 +318,23 @@ fn daemon_guest_reboot_keeps_bitmaps_exact_and_clean_between_vms() {
 /// how to remove it; after `bitmap remove` the daemon creates it afresh.
 #[test]
 fn daemon_guest_sigkill_leaves_in_use_and_restart_reports_inconsistent() {
+    sigkill_scenario("io_uring");
+}
+
+/// The same with the synchronous engine.
+#[test]
+fn daemon_guest_sigkill_leaves_in_use_and_restart_reports_inconsistent_threads() {
+    sigkill_scenario("threads");
+}
+
+fn sigkill_scenario(aio: &str) {
     let Some(bin) = bin() else { return };
     let dir = tempfile::tempdir().expect("temporary directory");
     let image = dir.path().join("disk.qcow2");
     let socket = dir.path().join("vhost.sock");
     qemu_img_create_qcow2(&image, SIZE).expect("qemu-img create");
     qemu_img_bitmap_add(&image, "b0", K64).expect("qemu-img bitmap --add");
-    let backend = start(&bin, &image, &socket, 1, &["--bitmap", "b0"]);
+    let backend = start(&bin, &image, &socket, 1, &["--bitmap", "b0", "--aio", aio]);
     // Write and flush, then keep the VM attached for a while without disk I/O.
     let text = GuestScript::new("/dev/vda")
         .write_cache(true)
@@ -341,7 +368,7 @@ fn daemon_guest_sigkill_leaves_in_use_and_restart_reports_inconsistent() {
 
     let _ = std::fs::remove_file(&socket);
     let err = Backend::spawn(
-        daemon_command(&bin, &image, &socket, 1, &["--bitmap", "b0"]),
+        daemon_command(&bin, &image, &socket, 1, &["--bitmap", "b0", "--aio", aio]),
         &socket,
         STOP_TIMEOUT,
     )
@@ -368,7 +395,7 @@ fn daemon_guest_sigkill_leaves_in_use_and_restart_reports_inconsistent() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(bitmaps(&image), vec![]);
-    let backend = start(&bin, &image, &socket, 1, &["--bitmap", "b0"]);
+    let backend = start(&bin, &image, &socket, 1, &["--bitmap", "b0", "--aio", aio]);
     assert_eq!(bitmaps(&image), vec![("b0".into(), K64, auto())]);
     backend
         .stop(STOP_TIMEOUT)
