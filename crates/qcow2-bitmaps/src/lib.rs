@@ -18,6 +18,8 @@
 //!   ([`MergeSource`], also from another image's set), [`Bitmaps::list`]
 //!   ([`BitmapInfo`]), [`Bitmaps::dump`] (extents), [`Bitmaps::bitmap`] (the bits, for
 //!   exports), [`Bitmaps::check_resize`].
+//! * [`Bitmaps::transaction`]: several [`Action`]s all or nothing, atomically with
+//!   respect to guest writes (QMP's `transaction`).
 //! * Errors: [`Error`], whose texts are QEMU's where QEMU has one.
 //!
 //! [`testing::MemImage`] is an in-memory `ImageMetadata` with fault injection.
@@ -31,12 +33,14 @@ mod set;
 mod store;
 mod table;
 pub mod testing;
+mod txn;
 
 pub use dirty_bitmap::{DirtyBitmap, Extent};
 pub use error::{Error, Result};
 pub use load::{WARN_LEAKS, WARN_LOST_V2, WARN_LOST_V3};
 pub use ops::{AddOptions, MergeSource};
 pub use set::{BitmapInfo, Bitmaps};
+pub use txn::{Action, TxnError, TxnOptions};
 
 #[cfg(test)]
 mod tests;

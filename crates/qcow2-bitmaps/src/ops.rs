@@ -194,6 +194,7 @@ impl Bitmaps {
     pub fn enable(&self, name: &str) -> Result<()> {
         let st = self.lock();
         self.writable(&st, name)?.set_enabled(true);
+        self.publish(&st);
         Ok(())
     }
 
@@ -201,6 +202,7 @@ impl Bitmaps {
     pub fn disable(&self, name: &str) -> Result<()> {
         let st = self.lock();
         self.writable(&st, name)?.set_enabled(false);
+        self.publish(&st);
         Ok(())
     }
 
