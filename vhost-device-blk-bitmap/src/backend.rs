@@ -111,7 +111,12 @@ impl BlkBackend {
             let count = Arc::new(InflightCount::default());
             let mut worker = None;
             if let (true, Some(files)) = (use_uring, files) {
-                match UringQueue::new(queue_size, files, count.clone()) {
+                match UringQueue::new(
+                    queue_size,
+                    files,
+                    count.clone(),
+                    device.stats().queue(workers.len()),
+                ) {
                     Ok(q) => worker = Some(QueueWorker::Uring(Box::new(q))),
                     Err(e) => {
                         warn!("io_uring unavailable ({e}): using synchronous I/O threads");
@@ -250,7 +255,8 @@ impl BlkBackend {
                     }
                     (QueueWorker::Sync { buf }, _) => {
                         let head = chain.head_index();
-                        let used = process_chain(&self.device, buf, &mem, chain);
+                        let stats = self.device.stats().queue(queue_index);
+                        let used = process_chain(&self.device, buf, &mem, chain, &stats);
                         if let Err(e) = state.add_used(head, used) {
                             warn!("queue {queue_index}: add_used failed: {e}");
                         }
@@ -295,14 +301,14 @@ fn publish(
     state: &mut vhost_user_backend::VringState<GuestMemAtomic>,
     u: &mut UringQueue,
 ) -> bool {
-    let mut any = false;
-    for (head, len) in u.take_done() {
+    let done = u.take_done();
+    for &(head, len) in &done {
         if let Err(e) = state.add_used(head, len) {
             warn!("queue {queue_index}: add_used failed: {e}");
         }
-        any = true;
     }
-    any
+    u.published(done.len());
+    !done.is_empty()
 }
 
 impl VhostUserBackend for BlkBackend {

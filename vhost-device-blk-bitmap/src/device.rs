@@ -9,6 +9,7 @@ use std::sync::Arc;
 use log::{debug, warn};
 use qcow2::BlockImage;
 
+use crate::stats::{DeviceStats, IoKind, QueueStats};
 use crate::tracker::WriteTracker;
 use crate::virtio_blk::*;
 use qcow2::AlignedBuf;
@@ -59,6 +60,7 @@ pub struct BlkDevice {
     serial: [u8; ID_BYTES],
     wce: AtomicU8,
     flush_negotiated: AtomicBool,
+    stats: DeviceStats,
 }
 
 impl BlkDevice {
@@ -81,12 +83,18 @@ impl BlkDevice {
             serial: id,
             wce: AtomicU8::new(u8::from(writeback)),
             flush_negotiated: AtomicBool::new(true),
+            stats: DeviceStats::new(crate::config::MAX_QUEUES as usize),
         }
     }
 
     /// The image.
     pub fn image(&self) -> &Arc<dyn BlockImage> {
         &self.image
+    }
+
+    /// I/O statistics per queue.
+    pub fn stats(&self) -> &DeviceStats {
+        &self.stats
     }
 
     /// The write tracker.
@@ -153,6 +161,7 @@ impl BlkDevice {
 
     /// Executes one request. `input` yields the `input_len` device-readable bytes after the
     /// header; `output` takes up to `output_len` device-writable bytes before the status.
+    #[allow(clippy::too_many_arguments)]
     pub fn execute<R: Read + ?Sized, W: Write + ?Sized>(
         &self,
         hdr: &RequestHeader,
@@ -161,17 +170,36 @@ impl BlkDevice {
         output: &mut W,
         output_len: usize,
         buf: &mut AlignedBuf,
+        stats: &QueueStats,
     ) -> Completion {
+        let start = std::time::Instant::now();
+        let offset = hdr.sector.saturating_mul(SECTOR_SIZE);
+        let account = |kind, bytes: u64, c: Completion| {
+            stats.record(kind, offset, bytes, start, c.status == S_OK);
+            c
+        };
         match hdr.request_type {
-            T_IN => self.do_in(hdr.sector, output, output_len, buf),
-            T_OUT => self.do_out(hdr.sector, input, input_len, buf),
-            T_FLUSH => Completion::status(match self.image.flush() {
-                Ok(()) => S_OK,
-                Err(e) => {
-                    warn!("flush failed: {e}");
-                    S_IOERR
-                }
-            }),
+            T_IN => account(
+                IoKind::Read,
+                output_len as u64,
+                self.do_in(hdr.sector, output, output_len, buf),
+            ),
+            T_OUT => account(
+                IoKind::Write,
+                input_len as u64,
+                self.do_out(hdr.sector, input, input_len, buf),
+            ),
+            T_FLUSH => account(
+                IoKind::Flush,
+                0,
+                Completion::status(match self.image.flush() {
+                    Ok(()) => S_OK,
+                    Err(e) => {
+                        warn!("flush failed: {e}");
+                        S_IOERR
+                    }
+                }),
+            ),
             T_GET_ID => {
                 let n = output_len.min(ID_BYTES);
                 match output.write_all(&self.serial[..n]) {
@@ -183,7 +211,15 @@ impl BlkDevice {
                 }
             }
             T_DISCARD | T_WRITE_ZEROES => {
-                self.do_discard_write_zeroes(hdr.request_type, input, input_len)
+                let (c, range) = self.do_discard_write_zeroes(hdr.request_type, input, input_len);
+                let kind = if hdr.request_type == T_DISCARD {
+                    IoKind::Discard
+                } else {
+                    IoKind::WriteZeroes
+                };
+                let (off, len) = range.unwrap_or((offset, 0));
+                stats.record(kind, off, len, start, c.status == S_OK);
+                c
             }
             other => {
                 debug!("unsupported request type {other}");
@@ -300,22 +336,22 @@ impl BlkDevice {
         request_type: u32,
         input: &mut R,
         input_len: usize,
-    ) -> Completion {
+    ) -> (Completion, Option<(u64, u64)>) {
         if self.image.is_read_only() {
-            return Completion::status(S_IOERR);
+            return (Completion::status(S_IOERR), None);
         }
         // Only one segment is supported (max_*_seg = 1).
         if input_len > DWZ_SEGMENT_SIZE {
-            return Completion::status(S_UNSUPP);
+            return (Completion::status(S_UNSUPP), None);
         }
         let mut seg = [0u8; DWZ_SEGMENT_SIZE];
         if input_len < DWZ_SEGMENT_SIZE || input.read_exact(&mut seg).is_err() {
-            return Completion::status(S_IOERR);
+            return (Completion::status(S_IOERR), None);
         }
         let (offset, len, unmap) = match self.check_dwz_segment(request_type, &seg) {
             Ok(Some(r)) => r,
-            Ok(None) => return Completion::status(S_OK),
-            Err(status) => return Completion::status(status),
+            Ok(None) => return (Completion::status(S_OK), None),
+            Err(status) => return (Completion::status(status), None),
         };
         let is_discard = request_type == T_DISCARD;
         let result = if is_discard {
@@ -334,6 +370,9 @@ impl BlkDevice {
                 }
             );
         }
-        Completion::status(self.finish_write(result.is_ok()))
+        (
+            Completion::status(self.finish_write(result.is_ok())),
+            Some((offset, len)),
+        )
     }
 }

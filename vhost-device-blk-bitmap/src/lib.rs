@@ -15,6 +15,7 @@ pub mod device;
 pub mod disk;
 pub mod lock;
 pub mod server;
+pub mod stats;
 pub mod tool;
 pub mod tracker;
 pub mod transport;

@@ -12,6 +12,7 @@ use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use crate::device::{BlkDevice, RequestHeader};
+use crate::stats::QueueStats;
 use crate::virtio_blk::{REQUEST_HEADER_SIZE, SEG_MAX, S_IOERR};
 use qcow2::AlignedBuf;
 
@@ -46,12 +47,13 @@ pub fn process_chain<M>(
     buf: &mut AlignedBuf,
     mem: &GuestMem,
     chain: DescriptorChain<M>,
+    stats: &QueueStats,
 ) -> u32
 where
     M: Deref<Target = GuestMem> + Clone,
 {
     let head = chain.head_index();
-    match run_chain(device, buf, mem, chain) {
+    match run_chain(device, buf, mem, chain, stats) {
         Ok(used) => used,
         Err(e) => {
             warn!("rejecting request (descriptor {head}): {e}");
@@ -65,6 +67,7 @@ fn run_chain<M>(
     buf: &mut AlignedBuf,
     mem: &GuestMem,
     chain: DescriptorChain<M>,
+    stats: &QueueStats,
 ) -> Result<u32, ChainError>
 where
     M: Deref<Target = GuestMem> + Clone,
@@ -106,7 +109,15 @@ where
         let hdr = RequestHeader::parse(&raw);
         let input_len = reader.available_bytes();
         let output_len = writer.available_bytes();
-        device.execute(&hdr, &mut reader, input_len, &mut writer, output_len, buf)
+        device.execute(
+            &hdr,
+            &mut reader,
+            input_len,
+            &mut writer,
+            output_len,
+            buf,
+            stats,
+        )
     };
     status
         .write_all(&[completion.status])

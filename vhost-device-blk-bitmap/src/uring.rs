@@ -29,6 +29,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{BlkDevice, RequestHeader};
+use crate::stats::{IoKind, QueueStats};
 use crate::transport::{ChainError, GuestMem, MAX_DESCRIPTORS};
 use crate::virtio_blk::*;
 
@@ -157,6 +158,9 @@ struct Request {
     written: u32,
     /// A writethrough flush still has to follow.
     flush_after: bool,
+    /// What to account at completion: kind, guest offset, bytes.
+    account: Option<(IoKind, u64, u64)>,
+    started: std::time::Instant,
 }
 
 /// The io_uring side of one queue.
@@ -169,6 +173,7 @@ pub struct UringQueue {
     free: Vec<usize>,
     deferred: VecDeque<usize>,
     inflight: Arc<InflightCount>,
+    stats: Arc<QueueStats>,
     /// Completions to publish to the used ring (head, len) at the end of this wake-up.
     done: Vec<(u16, u32)>,
 }
@@ -192,6 +197,7 @@ impl UringQueue {
         queue_size: usize,
         files: DataFiles,
         inflight: Arc<InflightCount>,
+        stats: Arc<QueueStats>,
     ) -> io::Result<Self> {
         let entries = (queue_size as u32).clamp(64, 4096).next_power_of_two();
         let ring = IoUring::builder()
@@ -212,6 +218,7 @@ impl UringQueue {
             free: Vec::new(),
             deferred: VecDeque::new(),
             inflight,
+            stats,
             done: Vec::new(),
         })
     }
@@ -232,6 +239,8 @@ impl UringQueue {
         M: std::ops::Deref<Target = GuestMem> + Clone,
     {
         let head = chain.head_index();
+        // Counted until its used-ring entry is published (see `published`).
+        self.inflight.inc();
         let parsed = match parse_chain(mem, chain) {
             Ok(c) => c,
             Err(e) => {
@@ -240,7 +249,6 @@ impl UringQueue {
                 return;
             }
         };
-        self.inflight.inc();
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -257,6 +265,8 @@ impl UringQueue {
             status: S_OK,
             written: 0,
             flush_after: false,
+            account: None,
+            started: std::time::Instant::now(),
         });
         self.begin(slot, device, io);
     }
@@ -282,6 +292,7 @@ impl UringQueue {
                     req.status = S_IOERR;
                     return self.complete(slot);
                 };
+                req.account = Some((IoKind::Write, offset, len as u64));
                 // Marked before the data can reach the disk, whatever the outcome.
                 device.tracker().mark(offset, len as u64);
                 req.flush_after = device.writethrough();
@@ -289,6 +300,7 @@ impl UringQueue {
                 self.try_write(slot, io);
             }
             T_FLUSH => {
+                req.account = Some((IoKind::Flush, 0, 0));
                 req.op = Op::Flush;
                 self.submit_flush(slot, io);
             }
@@ -306,6 +318,10 @@ impl UringQueue {
             }
             T_DISCARD | T_WRITE_ZEROES => {
                 let discard = hdr.request_type == T_DISCARD;
+                if device.image().is_read_only() {
+                    req.status = S_IOERR;
+                    return self.complete(slot);
+                }
                 let mut seg = [0u8; DWZ_SEGMENT_SIZE];
                 let input_len = seg_len(&req.chain.out);
                 if input_len > DWZ_SEGMENT_SIZE {
@@ -325,6 +341,12 @@ impl UringQueue {
                     }
                     Ok(None) => self.complete(slot),
                     Ok(Some((offset, len, unmap))) => {
+                        let kind = if discard {
+                            IoKind::Discard
+                        } else {
+                            IoKind::WriteZeroes
+                        };
+                        req.account = Some((kind, offset, len));
                         device.tracker().mark(offset, len);
                         req.flush_after = device.writethrough();
                         req.op = Op::Zero {
@@ -354,6 +376,7 @@ impl UringQueue {
             req.status = S_IOERR;
             return self.complete(slot);
         };
+        req.account = Some((IoKind::Read, offset, len as u64));
         let plan = match io.plan_read(offset, len) {
             Ok(p) => p,
             Err(e) => {
@@ -693,6 +716,10 @@ impl UringQueue {
     /// byte and queue the used-ring entry.
     fn complete(&mut self, slot: usize) {
         let req = self.slots[slot].take().expect("live request");
+        if let Some((kind, offset, bytes)) = req.account {
+            self.stats
+                .record(kind, offset, bytes, req.started, req.status == S_OK);
+        }
         if matches!(req.op, Op::Read { .. }) && req.written > 0 {
             // The kernel wrote these pages behind vm-memory's back.
             mark_dirty(&req.mem, &req.chain.inp);
@@ -706,12 +733,20 @@ impl UringQueue {
         };
         self.done.push((req.chain.head, used));
         self.free.push(slot);
-        self.inflight.dec();
     }
 
-    /// Completed requests waiting for the used ring.
-    pub fn take_done(&mut self) -> std::vec::Drain<'_, (u16, u32)> {
-        self.done.drain(..)
+    /// Completed requests waiting for the used ring; call [`UringQueue::published`]
+    /// once they are in it.
+    pub fn take_done(&mut self) -> Vec<(u16, u32)> {
+        std::mem::take(&mut self.done)
+    }
+
+    /// `n` completed requests are in the used ring: they no longer hold up
+    /// GET_VRING_BASE or a disconnect.
+    pub fn published(&self, n: usize) {
+        for _ in 0..n {
+            self.inflight.dec();
+        }
     }
 
     /// Whether requests are still in flight or deferred.

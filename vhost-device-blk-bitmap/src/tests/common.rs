@@ -120,7 +120,13 @@ impl Fixture {
     pub fn run(&mut self, descs: &[RawDescriptor]) -> u32 {
         let vq = MockSplitQueue::new(&self.mem, 256);
         let chain = vq.build_desc_chain(descs).unwrap();
-        process_chain(&self.device, &mut self.buf, &self.mem, chain)
+        process_chain(
+            &self.device,
+            &mut self.buf,
+            &self.mem,
+            chain,
+            &self.device.stats().queue(0),
+        )
     }
 
     pub fn disk(&self) -> Vec<u8> {
