@@ -568,9 +568,12 @@ impl Qcow2Image {
                 return None;
             }
             match m.peek_mapping(gc)? {
-                Mapping::Normal(h, true) if m.data_cluster_ok(h) => {
-                    push_data(&mut pieces, (pos - offset) as usize, h.0 + in_off, n as usize)
-                }
+                Mapping::Normal(h, true) if m.data_cluster_ok(h) => push_data(
+                    &mut pieces,
+                    (pos - offset) as usize,
+                    h.0 + in_off,
+                    n as usize,
+                ),
                 _ => return None,
             }
             pos += n;
