@@ -12,6 +12,15 @@
 //! A write whose clusters another request is allocating gets `Busy` from the engine; it
 //! waits in `deferred` and is retried when the engine calls our waker (which writes the
 //! same eventfd).
+//!
+//! Transfers through the page cache (images opened without `--direct`) are tried inline
+//! first: io_uring hands buffered I/O that cannot complete without blocking — and all of
+//! it on file systems without `RWF_NOWAIT` support, such as tmpfs, or for buffered
+//! writes on ext4 — to kernel worker threads, a thread hop per request that costs more
+//! than the copy. So a buffered transfer is done with `preadv2`/`pwritev2(RWF_NOWAIT)`
+//! on the worker thread, and only what would block goes to the ring; where the file
+//! system refuses `RWF_NOWAIT` altogether, it is done with a plain (page-cache) call.
+//! O_DIRECT transfers always go to the ring.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -121,6 +130,17 @@ enum Op {
     Done,
 }
 
+/// What became of a transfer tried on the worker thread.
+#[derive(Debug)]
+enum Inline {
+    /// Completed.
+    Done,
+    /// Failed.
+    Failed(io::Error),
+    /// (The rest of) it goes to the ring.
+    Ring,
+}
+
 /// One submitted transfer, kept until it completes (the kernel reads `iov` meanwhile).
 #[derive(Debug)]
 struct Sqe {
@@ -176,6 +196,9 @@ pub struct UringQueue {
     stats: Arc<QueueStats>,
     /// Completions to publish to the used ring (head, len) at the end of this wake-up.
     done: Vec<(u16, u32)>,
+    /// Whether the file system accepts `RWF_NOWAIT` for buffered reads / writes (`None`:
+    /// not tried yet).
+    nowait: [Option<bool>; 2],
 }
 
 impl std::fmt::Debug for UringQueue {
@@ -220,6 +243,7 @@ impl UringQueue {
             inflight,
             stats,
             done: Vec::new(),
+            nowait: [None; 2],
         })
     }
 
@@ -546,11 +570,95 @@ impl UringQueue {
 
     /// Queues a request's transfers; completes it at once when there are none.
     fn submit_sqes(&mut self, slot: usize, sqes: Vec<Sqe>, io: &dyn DirectIo) {
-        if sqes.is_empty() {
+        let mut ring = Vec::with_capacity(sqes.len());
+        for mut sqe in sqes {
+            match self.inline(&mut sqe) {
+                Inline::Done => {}
+                Inline::Failed(e) => {
+                    warn!(
+                        "{} at {:#x} (+{}) failed: {e}",
+                        if sqe.write { "write" } else { "read" },
+                        sqe.offset,
+                        sqe.len
+                    );
+                    let req = self.slots[slot].as_mut().expect("live request");
+                    req.status = S_IOERR;
+                    req.flush_after = false;
+                    if !sqe.write {
+                        req.written = 0;
+                    }
+                }
+                Inline::Ring => ring.push(sqe),
+            }
+        }
+        if ring.is_empty() {
             return self.transfers_done(slot, io);
         }
-        let entries = sqes.into_iter().map(|s| (s.entry(), Some(s))).collect();
+        let entries = ring.into_iter().map(|s| (s.entry(), Some(s))).collect();
         self.push_entries(slot, entries, io);
+    }
+
+    /// Tries a buffered transfer on this thread (see the module docs); what remains for
+    /// the ring is left in `sqe`.
+    fn inline(&mut self, sqe: &mut Sqe) -> Inline {
+        if sqe.punch || sqe.fd != self.files.buffered || sqe.iov.is_empty() {
+            return Inline::Ring;
+        }
+        let which = usize::from(sqe.write);
+        let nowait = self.nowait[which] != Some(false);
+        let mut done = 0usize;
+        while done < sqe.len {
+            let iov = advance(&sqe.iov, done);
+            let off = (sqe.offset + done as u64) as libc::off_t;
+            let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+            // SAFETY: the iovecs point into guest memory that the request keeps mapped,
+            // or into its own buffers; nothing else uses them until it completes.
+            let n = unsafe {
+                if sqe.write {
+                    libc::pwritev2(sqe.fd, iov.as_ptr(), iov.len() as i32, off, flags)
+                } else {
+                    libc::preadv2(sqe.fd, iov.as_ptr(), iov.len() as i32, off, flags)
+                }
+            };
+            if n > 0 {
+                done += n as usize;
+                continue;
+            }
+            if n == 0 {
+                if sqe.write {
+                    return Inline::Failed(io::Error::from(io::ErrorKind::WriteZero));
+                }
+                // Past the end of the file: the rest reads as zeros.
+                for v in &iov {
+                    // SAFETY: as above; these bytes are the request's to fill.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+                return Inline::Done;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EOPNOTSUPP) if nowait => {
+                    // This file system has no non-blocking buffered path: plain calls
+                    // from now on (they only wait for the page cache).
+                    self.nowait[which] = Some(false);
+                    return self.inline(sqe);
+                }
+                Some(libc::EAGAIN) if nowait => {
+                    self.nowait[which] = Some(true);
+                    // Would block (not cached): the ring does the rest.
+                    sqe.iov = iov;
+                    sqe.offset += done as u64;
+                    sqe.len -= done;
+                    return Inline::Ring;
+                }
+                _ => return Inline::Failed(e),
+            }
+        }
+        if nowait {
+            self.nowait[which] = Some(true);
+        }
+        Inline::Done
     }
 
     fn push_entries(

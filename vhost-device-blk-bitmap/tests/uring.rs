@@ -207,11 +207,12 @@ fn qemu_img_check(path: &std::path::Path) {
     }
 }
 
-fn qd32_on_two_queues(aio: Aio) {
+fn qd32_on_two_queues(aio: Aio, direct: bool) {
     let daemon = TestDaemon::start_opts(
         &DaemonOpts {
             num_queues: 2,
             qcow2: true,
+            direct,
             aio: Some(aio),
             ..Default::default()
         },
@@ -251,14 +252,21 @@ fn qd32_on_two_queues(aio: Aio) {
     );
 }
 
+/// O_DIRECT: every transfer goes through the ring.
 #[test]
-fn qd32_on_two_queues_io_uring() {
-    qd32_on_two_queues(Aio::IoUring);
+fn qd32_on_two_queues_io_uring_direct() {
+    qd32_on_two_queues(Aio::IoUring, true);
+}
+
+/// Buffered: transfers are done inline where they do not block.
+#[test]
+fn qd32_on_two_queues_io_uring_buffered() {
+    qd32_on_two_queues(Aio::IoUring, false);
 }
 
 #[test]
 fn qd32_on_two_queues_threads() {
-    qd32_on_two_queues(Aio::Threads);
+    qd32_on_two_queues(Aio::Threads, false);
 }
 
 fn qcow2_daemon(aio: Aio) -> TestDaemon {
@@ -266,6 +274,9 @@ fn qcow2_daemon(aio: Aio) -> TestDaemon {
         &DaemonOpts {
             num_queues: 1,
             qcow2: true,
+            // O_DIRECT where the engine is io_uring: the transfers are in flight on the
+            // ring (buffered ones would be done inline).
+            direct: aio == Aio::IoUring,
             aio: Some(aio),
             ..Default::default()
         },
@@ -279,7 +290,18 @@ fn qcow2_daemon(aio: Aio) -> TestDaemon {
 /// either, so the used ring shows them out of submission order.
 #[test]
 fn completions_out_of_order_io_uring() {
-    let daemon = qcow2_daemon(Aio::IoUring);
+    // O_DIRECT: the data write goes to the ring (buffered ones are done inline).
+    let daemon = TestDaemon::start_opts(
+        &DaemonOpts {
+            num_queues: 1,
+            qcow2: true,
+            direct: true,
+            aio: Some(Aio::IoUring),
+            ..Default::default()
+        },
+        |i| i,
+        Arc::new(NoopTracker),
+    );
     let mut d = Driver::connect(&daemon.socket, 1);
     let qd = &mut d.queues[0];
     qd.mem()

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -581,5 +582,68 @@ impl QueueDriver {
             .read_slice(&mut v, GuestAddress(data_addr(self.q)))
             .unwrap();
         v
+    }
+}
+
+/// The daemon binary of this package.
+pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-blk-bitmap");
+
+pub fn raw_image(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.raw");
+    let data: Vec<u8> = (0..DISK_SIZE).map(pattern).collect();
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// The daemon process; killed if a test fails before it exits.
+pub struct Daemon(pub Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts the daemon binary serving `image` on `socket` with `extra` options.
+pub fn spawn(socket: &Path, image: &Path, extra: &[&str]) -> Daemon {
+    Daemon(
+        Command::new(BIN)
+            .arg("--socket-path")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits until the daemon created `socket` (fails if it exits first).
+pub fn wait_for_socket(child: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("daemon exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
