@@ -846,14 +846,18 @@ impl Qcow2Image {
                 } else {
                     head_end - offset
                 };
-                if let Attempt::Busy = self.write_zeros_now(offset, n, waker)? {
-                    return Ok(Attempt::Busy);
+                if !self.reads_zero(offset / cs) {
+                    if let Attempt::Busy = self.write_zeros_now(offset, n, waker)? {
+                        return Ok(Attempt::Busy);
+                    }
                 }
             }
             if last_full >= first_full && end > last_full * cs && end != self.size {
                 let n = end - last_full * cs;
-                if let Attempt::Busy = self.write_zeros_now(last_full * cs, n, waker)? {
-                    return Ok(Attempt::Busy);
+                if !self.reads_zero(last_full) {
+                    if let Attempt::Busy = self.write_zeros_now(last_full * cs, n, waker)? {
+                        return Ok(Attempt::Busy);
+                    }
                 }
             }
         }
@@ -874,6 +878,16 @@ impl Qcow2Image {
             m.apply_pending_frees()?;
         }
         Ok(Attempt::Ready(ZeroPlan::default()))
+    }
+
+    /// Whether guest cluster `gc` reads as zeros already (a partial write-zeroes need
+    /// not allocate it, as QEMU's).
+    fn reads_zero(&self, gc: u64) -> bool {
+        match self.read_meta().peek_mapping(gc) {
+            Some(Mapping::Zero(..)) => true,
+            Some(Mapping::Unallocated) => self.backing.is_none(),
+            _ => false,
+        }
     }
 
     fn prepare_flush_inner(&self) -> Result<()> {

@@ -78,3 +78,45 @@ fn direct_io_opens_qcow2_and_serves_aligned_and_unaligned_requests() {
     assert_eq!(raw[(1 << 20) + 8191], 0x3c);
     assert_eq!(raw[7], 0x4d);
 }
+
+/// A write-zeroes of part of a cluster that already reads as zeros allocates nothing
+/// (as QEMU); over allocated data it zeroes exactly the range.
+#[test]
+fn partial_write_zeroes_of_a_zero_cluster_allocates_nothing() {
+    if !common::require_tool("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("z.qcow2");
+    create(
+        &p,
+        &CreateOptions {
+            size: 64 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let len0 = std::fs::metadata(&p).unwrap().len();
+    {
+        let img = Qcow2Image::open(&p, &OpenOptions::default()).unwrap();
+        img.write_zeroes(4096, 8192, false).unwrap();
+        img.write_zeroes((1 << 20) + 512, 65536, true).unwrap();
+        img.flush().unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        len0,
+        "no cluster allocated"
+    );
+    {
+        let img = Qcow2Image::open(&p, &OpenOptions::default()).unwrap();
+        img.write_at(&[0x5a; 65536], 2 << 20).unwrap();
+        img.write_zeroes((2 << 20) + 1024, 2048, false).unwrap();
+        let mut b = vec![0u8; 65536];
+        img.read_at(&mut b, 2 << 20).unwrap();
+        assert!(b[..1024].iter().all(|&x| x == 0x5a));
+        assert!(b[1024..3072].iter().all(|&x| x == 0));
+        assert!(b[3072..].iter().all(|&x| x == 0x5a));
+    }
+    common::assert_clean(&p);
+}
