@@ -7,7 +7,7 @@
 //! * [`Qcow2Image`] adds the metadata API the bitmap persistence crate builds on:
 //!   cluster allocation and freeing, overlap-checked metadata writes, header
 //!   extensions and autoclear bits — all under the same locks as the data path.
-//! * [`create`] makes new images and [`check`] verifies (and repairs leaks in) them.
+//! * [`create()`] makes new images and [`check()`] verifies (and repairs leaks in) them.
 
 pub mod buffer;
 pub mod check;
