@@ -403,3 +403,95 @@ fn sigkill_scenario(aio: &str) {
     qemu_img_check(&image).expect("qemu-img check");
     assert_eq!(bitmap_dirty_extents(&image, "b0").expect("extents"), vec![]);
 }
+
+/// Bitmaps managed over the QMP socket with `ctl` while the daemon serves: `c0` added
+/// before the VM connects records exactly the guest's writes; a checkpoint transaction
+/// run as soon as the VM is attached (add `c1`, disable `c0`) splits the writes between
+/// the two without losing any; both are stored on SIGTERM and read back by QEMU.
+#[test]
+fn daemon_guest_bitmaps_managed_over_qmp_with_ctl() {
+    let Some(bin) = bin() else { return };
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    let socket = dir.path().join("vhost.sock");
+    let qmp = dir.path().join("qmp.sock");
+    qemu_img_create_qcow2(&image, SIZE).expect("qemu-img create");
+    let backend = start(
+        &bin,
+        &image,
+        &socket,
+        1,
+        &["--qmp-socket", qmp.to_str().expect("utf-8 path")],
+    );
+    let ctl = |args: &[&str]| {
+        let out = Command::new(&bin)
+            .arg("ctl")
+            .arg("--qmp-socket")
+            .arg(&qmp)
+            .args(args)
+            .output()
+            .expect("ctl");
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    ctl(&["bitmap", "add", "disk0", "c0", "-g", "64K"]);
+    assert_eq!(
+        bitmaps(&image),
+        vec![("c0".into(), K64, auto())],
+        "stored at once while no VM is attached"
+    );
+    let g = K64;
+    let script = GuestScript::new("/dev/vda")
+        .write(g + 4096, 4096, 0xc1)
+        .write(7 * g, 3 * g, 0xc2)
+        .write_zeroes(20 * g + 512, 1024)
+        .write(30 * g, 4096, 0xc3)
+        .verify(7 * g, 3 * g, 0xc2);
+    // The checkpoint runs as soon as the VM has flagged the bitmaps in-use.
+    let (img2, ctl_bin, qmp2) = (image.clone(), bin.clone(), qmp.clone());
+    let checkpoint = std::thread::spawn(move || {
+        wait_until("the VM to attach", 120, || in_use(&img2, "c0"));
+        let out = Command::new(&ctl_bin)
+            .arg("ctl")
+            .arg("--qmp-socket")
+            .arg(&qmp2)
+            .arg("raw")
+            .arg(
+                r#"{"execute": "transaction", "arguments": {"actions": [
+                {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "c1", "granularity": 65536, "persistent": true}},
+                {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "c0"}}]}}"#,
+            )
+            .output()
+            .expect("ctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    run_guest(&socket, 1, &script, &backend);
+    checkpoint.join().expect("checkpoint thread");
+    let query = ctl(&["query"]);
+    assert!(query.contains("c0") && query.contains("c1"), "{query}");
+    backend
+        .stop(STOP_TIMEOUT)
+        .expect("daemon exits 0 on SIGTERM");
+    qemu_img_check(&image).expect("qemu-img check");
+    let expected = script.expected_dirty_extents(K64, SIZE);
+    let c0 = bitmap_dirty_extents(&image, "c0").expect("c0 extents");
+    let c1 = bitmap_dirty_extents(&image, "c1").expect("c1 extents");
+    // Every write is in c0 (before the checkpoint) or c1 (after), none elsewhere.
+    let granules = |ext: &[(u64, u64)]| -> std::collections::BTreeSet<u64> {
+        ext.iter()
+            .flat_map(|&(s, l)| s / K64..(s + l).div_ceil(K64))
+            .collect()
+    };
+    let (want, a, b) = (granules(&expected), granules(&c0), granules(&c1));
+    let union: std::collections::BTreeSet<u64> = a.union(&b).copied().collect();
+    assert_eq!(union, want, "c0 ∪ c1 = the guest's writes");
+    assert!(a.iter().chain(&b).all(|k| want.contains(k)));
+}

@@ -30,6 +30,11 @@ pub enum Command {
     /// Check a qcow2 image's refcounts (exit 0 clean, 1 check failed, 2 corruptions,
     /// 3 leaks only), optionally repairing it.
     Check(crate::tool::args::CheckArgs),
+    /// Talk to a running daemon's QMP control socket: `bitmap add|remove|clear|enable|
+    /// disable|merge|dump ...`, `query` (a table of bitmaps and counters), `raw JSON`, or
+    /// any QMP command with its arguments as JSON (`query-blockstats`,
+    /// `block-dirty-bitmap-add '{"node":"disk0","name":"b1"}'`).
+    Ctl(crate::tool::args::CtlArgs),
 }
 
 /// Image formats.
@@ -111,4 +116,13 @@ pub struct ServeArgs {
     /// T, P; binary units). If it exists, its size must match.
     #[arg(long, value_name = "SIZE")]
     pub create_size: Option<String>,
+
+    /// Serve QMP (QEMU's control protocol: bitmap commands, transactions, statistics)
+    /// on this unix socket, mode 0600.
+    #[arg(long, value_name = "PATH")]
+    pub qmp_socket: Option<PathBuf>,
+
+    /// The node name of the served disk in QMP commands.
+    #[arg(long, default_value = "disk0", value_name = "NAME")]
+    pub node_name: String,
 }

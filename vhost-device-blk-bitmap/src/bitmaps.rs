@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{error, info, warn};
 use qcow2::{BlockImage, Qcow2Image};
-use qcow2_bitmaps::{AddOptions, BitmapInfo, Bitmaps};
+use qcow2_bitmaps::{Action, AddOptions, BitmapInfo, Bitmaps, TxnOptions};
 
 use crate::config::BitmapSpec;
 use crate::tracker::{TrackerError, WriteTracker};
@@ -105,6 +105,9 @@ pub enum BitmapError {
         source: qcow2_bitmaps::Error,
     },
     /// Flagging the bitmaps in-use again failed (the frontend is refused).
+    /// A run-time bitmap command failed (QEMU's text, unchanged).
+    #[error("{0}")]
+    Action(#[source] qcow2_bitmaps::Error),
     #[error("could not mark the persistent bitmaps of '{image}' in-use: {source}")]
     InUse {
         /// Image name.
@@ -167,7 +170,13 @@ impl PersistentBitmaps {
     /// found IN_USE are reported as inconsistent and not tracked. A read-only image is
     /// never written.
     pub fn open(image: Arc<Qcow2Image>, name: &str) -> Result<Self, BitmapError> {
-        let bitmaps = Bitmaps::open(&*image, name).map_err(|source| BitmapError::Load {
+        Self::open_node(image, name, name)
+    }
+
+    /// Like [`PersistentBitmaps::open`], with the QMP node name that QEMU's messages
+    /// about the bitmaps use (`Can't make bitmap 'b1' persistent in 'disk0': …`).
+    pub fn open_node(image: Arc<Qcow2Image>, name: &str, node: &str) -> Result<Self, BitmapError> {
+        let bitmaps = Bitmaps::open(&*image, node).map_err(|source| BitmapError::Load {
             image: name.to_owned(),
             source,
         })?;
@@ -298,6 +307,28 @@ impl PersistentBitmaps {
         Ok(())
     }
 
+    /// Applies bitmap actions at run time, all or nothing and atomically with respect to
+    /// guest writes (see [`Bitmaps::transaction`]). While a frontend is attached (the
+    /// bitmaps are in use on disk) a new persistent bitmap is written at once, flagged
+    /// in use, and everything is stored when the frontend goes; while idle, the bitmaps
+    /// are stored at once, as the offline tool does, so the image stays clean.
+    pub fn transaction(&self, actions: &[Action<'_>]) -> Result<(), BitmapError> {
+        let mut owed = self.lock();
+        let opts = TxnOptions {
+            persist_new_in_use: *owed,
+        };
+        self.bitmaps
+            .transaction(&*self.image, actions, opts)
+            .map_err(|e| BitmapError::Action(e.error))?;
+        if !*owed {
+            // A failed store leaves the bitmaps owed: the next stop retries.
+            *owed = true;
+            self.store_locked()?;
+            *owed = false;
+        }
+        Ok(())
+    }
+
     /// Flags the stored bitmaps IN_USE again, before a frontend may write.
     pub fn mark_in_use(&self) -> Result<(), BitmapError> {
         if self.bitmaps.is_read_only() {
@@ -356,6 +387,10 @@ impl Drop for PersistentBitmaps {
     }
 }
 
+/// The write tracker of a disk and, for qcow2 images, the same object as the bitmaps
+/// the control socket manages.
+pub type Trackers = (Arc<dyn WriteTracker>, Option<Arc<PersistentBitmaps>>);
+
 /// Builds the write tracker for an opened disk: [`PersistentBitmaps`] for qcow2 images
 /// (with the `--bitmap` requests applied and everything stored, so the image is clean
 /// until a frontend connects), [`NoopTracker`](crate::tracker::NoopTracker) for raw ones.
@@ -363,7 +398,7 @@ impl Drop for PersistentBitmaps {
 pub fn tracker_for(
     config: &crate::config::Config,
     disk: &crate::disk::OpenedDisk,
-) -> Result<Arc<dyn WriteTracker>, BitmapError> {
+) -> Result<Trackers, BitmapError> {
     let name = config.image.display().to_string();
     let Some(image) = disk.qcow2.clone() else {
         if !config.bitmaps.is_empty() {
@@ -372,10 +407,11 @@ pub fn tracker_for(
                 what: format!("a {} image", disk.format),
             });
         }
-        return Ok(Arc::new(crate::tracker::NoopTracker));
+        return Ok((Arc::new(crate::tracker::NoopTracker), None));
     };
-    let tracker = PersistentBitmaps::open(image, &name)?;
+    let tracker = PersistentBitmaps::open_node(image, &name, &config.node_name)?;
     tracker.apply(&config.bitmaps)?;
     tracker.store_idle()?;
-    Ok(Arc::new(tracker))
+    let tracker = Arc::new(tracker);
+    Ok((tracker.clone(), Some(tracker)))
 }

@@ -70,6 +70,28 @@ pub struct Config {
     pub bitmaps: Vec<BitmapSpec>,
     /// Create the image with this size when missing.
     pub create_size: Option<u64>,
+    /// QMP control socket.
+    pub qmp_socket: Option<PathBuf>,
+    /// Node name in QMP.
+    pub node_name: String,
+}
+
+/// Checks a node name as QEMU does: a letter, then letters, digits, `-`, `.` and `_`,
+/// 31 characters at most.
+pub fn check_node_name(name: &str) -> Result<(), ConfigError> {
+    let ok = name.len() <= 31
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "invalid --node-name '{name}': start with a letter, use letters, digits, '-', '.' \
+             and '_', at most 31 characters"
+        )))
+    }
 }
 
 /// Parses a size such as `4096`, `64K`, `10G` (binary units; optional trailing `B`/`iB`).
@@ -205,6 +227,7 @@ impl TryFrom<ServeArgs> for Config {
                 Some(n)
             }
         };
+        check_node_name(&a.node_name)?;
         Ok(Config {
             socket_path,
             image,
@@ -225,6 +248,8 @@ impl TryFrom<ServeArgs> for Config {
             writeback: !a.writethrough,
             bitmaps,
             create_size,
+            qmp_socket: a.qmp_socket,
+            node_name: a.node_name,
         })
     }
 }
@@ -262,6 +287,30 @@ mod tests {
         assert_eq!(c.serial, b"vhost_user_blk");
         assert!(c.bitmaps.is_empty());
         assert_eq!(c.create_size, None);
+        assert_eq!((c.qmp_socket, c.node_name.as_str()), (None, "disk0"));
+        assert_eq!(c.aio, Aio::IoUring);
+    }
+
+    #[test]
+    fn control_and_engine_options() {
+        let c = cfg(&[
+            "--qmp-socket",
+            "/tmp/q.sock",
+            "--node-name",
+            "drive-virtio0",
+            "--aio",
+            "threads",
+        ])
+        .unwrap();
+        assert_eq!(c.qmp_socket, Some(PathBuf::from("/tmp/q.sock")));
+        assert_eq!(c.node_name, "drive-virtio0");
+        assert_eq!(c.aio, Aio::Threads);
+        for bad in ["0abc", "a b", "", &"x".repeat(32)] {
+            let e = cfg(&["--node-name", bad]).unwrap_err();
+            assert!(e.contains("invalid --node-name"), "{bad}: {e}");
+        }
+        let e = cfg(&["--aio", "posix"]).unwrap_err();
+        assert!(e.contains("io_uring") && e.contains("threads"), "{e}");
     }
 
     #[test]

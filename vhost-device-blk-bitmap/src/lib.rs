@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bitmaps;
 
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod disk;
 pub mod lock;

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use clap::Parser;
 use log::error;
 use vhost_device_blk_bitmap::args::{Cli, Command};
+use vhost_device_blk_bitmap::bitmaps::{PersistentBitmaps, Trackers};
 use vhost_device_blk_bitmap::config::Config;
+use vhost_device_blk_bitmap::control::{Control, ControlHandler};
 use vhost_device_blk_bitmap::device::BlkDevice;
 use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, OpenedDisk};
 use vhost_device_blk_bitmap::server::{
     handle_termination_signals, Server, ServerConfig, StopHandle,
 };
-use vhost_device_blk_bitmap::tracker::WriteTracker;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -43,6 +44,7 @@ fn run_tool(command: &Command) -> u8 {
         Command::Bitmap(c) => tool::run_bitmap(c),
         Command::Create(a) => tool::run_create(a),
         Command::Check(a) => tool::run_check(a),
+        Command::Ctl(a) => tool::run_ctl(a),
     }
 }
 
@@ -58,7 +60,7 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         // The tracker keeps the persistent bitmaps valid, so the engine keeps their bit.
         known_autoclear: qcow2::AUTOCLEAR_BITMAPS,
     })?;
-    let tracker = make_tracker(&config, &disk)?;
+    let (tracker, bitmaps) = make_tracker(&config, &disk)?;
     log::info!("serving {} image '{}'", disk.format, config.image.display());
     let device = Arc::new(BlkDevice::new(
         disk.image.clone(),
@@ -67,6 +69,10 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         &config.serial,
         config.writeback,
     ));
+    let qmp = match &config.qmp_socket {
+        Some(path) => Some(start_qmp(path, &config, &disk, &device, bitmaps, &stop)?),
+        None => None,
+    };
     let server = Server::new(
         ServerConfig {
             socket_path: config.socket_path.clone(),
@@ -79,6 +85,13 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     // Whatever ended the server, store the bitmaps (or say why not) before exiting.
     let served = server.run();
+    if let Some(q) = &qmp {
+        q.emit(
+            "SHUTDOWN",
+            serde_json::json!({"guest": false, "reason": "host-qmp-quit"}),
+        );
+        q.stop();
+    }
     let closed = tracker.on_shutdown();
     drop(server);
     drop(tracker);
@@ -99,6 +112,61 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 fn make_tracker(
     config: &Config,
     disk: &OpenedDisk,
-) -> Result<Arc<dyn WriteTracker>, Box<dyn std::error::Error>> {
+) -> Result<Trackers, Box<dyn std::error::Error>> {
     Ok(vhost_device_blk_bitmap::bitmaps::tracker_for(config, disk)?)
+}
+
+/// Starts the QMP control socket; `quit` stops the daemon (after its reply).
+fn start_qmp(
+    path: &std::path::Path,
+    config: &Config,
+    disk: &OpenedDisk,
+    device: &Arc<BlkDevice>,
+    bitmaps: Option<Arc<PersistentBitmaps>>,
+    stop: &StopHandle,
+) -> Result<Arc<qmp::ServerHandle>, Box<dyn std::error::Error>> {
+    let control = Control {
+        node: config.node_name.clone(),
+        image: config.image.clone(),
+        format: disk.format,
+        direct: config.direct,
+        cluster_size: disk.qcow2.as_ref().map(|q| q.cluster_size()),
+        num_queues: usize::from(config.num_queues),
+        device: device.clone(),
+        bitmaps,
+    };
+    let handle = Arc::new(qmp::Server::new(ControlHandler(Arc::new(control))).bind(path)?);
+    log::info!("QMP control socket on {}", path.display());
+    // Failed guest requests become BLOCK_IO_ERROR events (rate-limited).
+    let (emitter, node) = (handle.emitter(), config.node_name.clone());
+    device.stats().on_error(Box::new(move |kind| {
+        use vhost_device_blk_bitmap::stats::IoKind;
+        let operation = if kind == IoKind::Read {
+            "read"
+        } else {
+            "write"
+        };
+        emitter.emit(
+            "BLOCK_IO_ERROR",
+            serde_json::json!({
+                "device": "",
+                "node-name": node,
+                "operation": operation,
+                "action": "report",
+                "nospace": false,
+                "reason": "Input/output error",
+            }),
+        );
+    }));
+    let (waiter, stop) = (handle.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name("qmp-quit".into())
+        .spawn(move || {
+            waiter.wait();
+            if !stop.is_stopping() {
+                log::info!("QMP quit: stopping");
+                stop.stop();
+            }
+        })?;
+    Ok(handle)
 }

@@ -3,7 +3,54 @@
 //! on counters that only the queue's own worker thread writes.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+/// Told about failed guest requests (the control socket turns them into
+/// `BLOCK_IO_ERROR` events).
+pub type ErrorSink = Box<dyn Fn(IoKind) + Send + Sync>;
+
+/// The sink shared by every queue, with a rate limit.
+#[derive(Default)]
+struct Errors {
+    sink: OnceLock<ErrorSink>,
+    /// Nanoseconds since `epoch` of the last report.
+    last: AtomicU64,
+    epoch: OnceLock<Instant>,
+}
+
+impl std::fmt::Debug for Errors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Errors")
+            .field("sink", &self.sink.get().is_some())
+            .finish()
+    }
+}
+
+/// At most this many error reports per second (a guest retrying a failing request
+/// must not flood the control clients).
+const ERROR_REPORTS_PER_SECOND: u64 = 10;
+
+impl Errors {
+    fn report(&self, kind: IoKind) {
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        let now = self.epoch.get_or_init(Instant::now).elapsed().as_nanos() as u64;
+        let last = self.last.load(Relaxed);
+        let gap = 1_000_000_000 / ERROR_REPORTS_PER_SECOND;
+        if last != 0 && now.saturating_sub(last) < gap {
+            return;
+        }
+        if self
+            .last
+            .compare_exchange(last, now.max(1), Relaxed, Relaxed)
+            .is_ok()
+        {
+            sink(kind);
+        }
+    }
+}
 
 /// What a request was, for accounting (QEMU counts write-zeroes as writes and discards
 /// as unmaps; we count write-zeroes separately too).
@@ -49,6 +96,7 @@ pub struct QueueStats {
     pub write_zeroes: Counter,
     /// Highest byte written + 1.
     pub wr_highest_offset: AtomicU64,
+    errors: Arc<Errors>,
 }
 
 impl QueueStats {
@@ -71,6 +119,7 @@ impl QueueStats {
             .fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
         if !ok {
             c.failed.fetch_add(1, Relaxed);
+            self.errors.report(kind);
         }
         if ok && matches!(kind, IoKind::Write | IoKind::WriteZeroes) {
             self.wr_highest_offset
@@ -83,14 +132,29 @@ impl QueueStats {
 #[derive(Debug)]
 pub struct DeviceStats {
     queues: Vec<std::sync::Arc<QueueStats>>,
+    errors: Arc<Errors>,
 }
 
 impl DeviceStats {
     /// Counters for `num_queues` queues.
     pub fn new(num_queues: usize) -> Self {
+        let errors = Arc::new(Errors::default());
         DeviceStats {
-            queues: (0..num_queues).map(|_| Default::default()).collect(),
+            queues: (0..num_queues)
+                .map(|_| {
+                    Arc::new(QueueStats {
+                        errors: errors.clone(),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+            errors,
         }
+    }
+
+    /// Sets where failed requests are reported (once; later calls are ignored).
+    pub fn on_error(&self, sink: ErrorSink) {
+        let _ = self.errors.sink.set(sink);
     }
 
     /// Queue `q`'s counters (the last queue's for an index past the end).
@@ -121,6 +185,16 @@ mod tests {
         assert_eq!(s.read.bytes.load(Relaxed), 8192);
         assert_eq!(s.wr_highest_offset.load(Relaxed), 4608);
         let d = DeviceStats::new(2);
+        let seen = Arc::new(AtomicU64::new(0));
+        let s2 = seen.clone();
+        d.on_error(Box::new(move |k| {
+            assert_eq!(k, IoKind::Read);
+            s2.fetch_add(1, Relaxed);
+        }));
+        for _ in 0..100 {
+            d.queue(1).record(IoKind::Read, 0, 512, t, false);
+        }
+        assert_eq!(seen.load(Relaxed), 1, "rate-limited");
         assert!(!std::sync::Arc::ptr_eq(&d.queue(0), &d.queue(1)));
         assert!(std::sync::Arc::ptr_eq(&d.queue(1), &d.queue(7)));
     }

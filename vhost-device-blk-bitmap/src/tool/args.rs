@@ -177,3 +177,99 @@ pub struct CheckArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// `ctl`: a QMP client for operators without a QMP library.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct CtlArgs {
+    /// The daemon's `--qmp-socket`.
+    #[arg(long, value_name = "PATH")]
+    pub qmp_socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `ctl` commands.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum CtlCommand {
+    /// Bitmap commands of a node.
+    #[command(subcommand)]
+    Bitmap(CtlBitmap),
+    /// The node's bitmaps and I/O counters, as tables.
+    Query,
+    /// Sends one QMP request as given (`{"execute": ...}`) and prints the reply.
+    Raw {
+        /// The request, JSON.
+        #[arg(value_name = "JSON")]
+        request: String,
+    },
+    /// Any QMP command, with its arguments as a JSON object; prints the result.
+    #[command(external_subcommand)]
+    Exec(Vec<String>),
+}
+
+/// `ctl bitmap` commands (QMP's `block-dirty-bitmap-*`).
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum CtlBitmap {
+    /// Adds a bitmap (persistent unless --transient).
+    Add {
+        /// Node name.
+        node: String,
+        /// Bitmap name.
+        name: String,
+        /// Bytes per bit (suffixes K, M, G).
+        #[arg(short = 'g', long, value_name = "SIZE")]
+        granularity: Option<String>,
+        /// Keep it in memory only.
+        #[arg(long)]
+        transient: bool,
+        /// Create it not recording.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Removes a bitmap.
+    Remove {
+        /// Node name.
+        node: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// Clears a bitmap.
+    Clear {
+        /// Node name.
+        node: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// Starts recording.
+    Enable {
+        /// Node name.
+        node: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// Stops recording.
+    Disable {
+        /// Node name.
+        node: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// ORs the sources into the target.
+    Merge {
+        /// Node name.
+        node: String,
+        /// Target bitmap.
+        target: String,
+        /// Source bitmaps.
+        #[arg(required = true)]
+        sources: Vec<String>,
+    },
+    /// Prints the bitmap's extents (as `bitmap dump`).
+    Dump {
+        /// Node name.
+        node: String,
+        /// Bitmap name.
+        name: String,
+    },
+}

@@ -91,6 +91,9 @@ pub enum ToolError {
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(#[from] io::Error),
+    /// The control socket could not be reached or answered with an error.
+    #[error("{0}")]
+    Qmp(#[from] qmp::ClientError),
 }
 
 impl ToolError {

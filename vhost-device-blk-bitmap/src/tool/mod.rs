@@ -14,6 +14,7 @@ pub mod args;
 mod bitmap;
 mod check;
 mod create;
+mod ctl;
 mod error;
 mod image;
 mod output;
@@ -56,4 +57,9 @@ fn finish(r: Result<u8, ToolError>) -> u8 {
             1
         }
     }
+}
+
+/// Runs `ctl`; returns the process exit code (1 when the daemon answered an error).
+pub fn run_ctl(a: &args::CtlArgs) -> u8 {
+    finish(ctl::run(a, &mut std::io::stdout().lock()))
 }
