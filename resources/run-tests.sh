@@ -31,6 +31,8 @@ apt_install() {
 # --- system packages (only what is missing) -----------------------------------------
 need=()
 command -v python3 >/dev/null || need+=(python3)
+# The QMP interop tests put the qemu.qmp library (PyPI) into a venv.
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v cc >/dev/null || need+=(build-essential)
 command -v flock >/dev/null || need+=(util-linux)
 command -v apt-get >/dev/null || die "this script expects a Debian 12 host"
@@ -58,6 +60,12 @@ fi
 gstart=$(date +%s)
 resources/build-guest.sh
 log "guest environment ready ($(($(date +%s) - gstart)) s)"
+
+# --- style and lints (as rust-vmm CI gates every change) ------------------------------
+log "cargo fmt --check; clippy -D warnings; doc -D warnings"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 # --- tests ---------------------------------------------------------------------------
 log "cargo test --workspace --release $*"
