@@ -117,9 +117,6 @@ pub enum Error {
     /// The directory would exceed its size limit.
     #[error("Not enough space in the bitmap directory")]
     DirectoryFull,
-    /// A bitmap of that name is already stored in the image.
-    #[error("Bitmap with the same name is already stored")]
-    AlreadyStored,
     /// Two bitmaps cannot be merged (different disk sizes).
     #[error("Bitmaps are incompatible and can't be merged")]
     Incompatible,

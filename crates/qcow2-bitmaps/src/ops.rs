@@ -7,10 +7,7 @@ use dirty_bitmap::{DirtyBitmap, Extent};
 use qcow2::ImageMetadata;
 
 use crate::error::{Error, Result};
-use crate::limits::{
-    check_constraints, check_granularity_arg, default_granularity, dir_entry_size, MAX_BITMAPS,
-    MAX_DIRECTORY_SIZE, MAX_NAME_SIZE,
-};
+use crate::limits::{check_granularity_arg, default_granularity, MAX_NAME_SIZE};
 use crate::set::{Bitmaps, Entry, State};
 use crate::store::{free_allocated, free_old, switch_header, write_directory};
 
@@ -55,16 +52,21 @@ impl Bitmaps {
             None => default_granularity(self.cluster_size).trailing_zeros(),
         };
         let mut st = self.lock();
+        // QEMU 10's order: an existing name (also an inconsistent bitmap) first.
+        if st.find(name).is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
         if opts.persistent {
-            self.can_store_new(img, &st, name, gbits)
+            let entries = st
+                .entries
+                .iter()
+                .map(|e| (e.persistent, &e.disk, e.name.as_str()));
+            self.check_can_store(img, entries, name, gbits)
                 .map_err(|reason| Error::CannotPersist {
                     name: name.to_string(),
                     node: self.node.clone(),
                     reason: Box::new(reason),
                 })?;
-        }
-        if st.find(name).is_some() {
-            return Err(Error::Exists(name.to_string()));
         }
         if name.len() > MAX_NAME_SIZE {
             return Err(Error::NameTooLongTransient(name.to_string()));
@@ -80,46 +82,6 @@ impl Bitmaps {
             disk: None,
         });
         self.publish(&st);
-        Ok(())
-    }
-
-    /// QEMU's `qcow2_co_can_store_new_dirty_bitmap`, counting bitmaps not stored yet too.
-    fn can_store_new(
-        &self,
-        img: &dyn ImageMetadata,
-        st: &State,
-        name: &str,
-        gbits: u32,
-    ) -> Result<()> {
-        if self.read_only {
-            return Err(Error::NoWriteAccess);
-        }
-        if img.version() < 3 {
-            return Err(Error::V2Image);
-        }
-        check_constraints(name, gbits, self.disk_size, self.cluster_size)?;
-        let stored: Vec<&Entry> = st
-            .entries
-            .iter()
-            .filter(|e| e.persistent || e.disk.is_some())
-            .collect();
-        if stored.len() as u64 >= MAX_BITMAPS as u64 {
-            return Err(Error::MaxBitmaps);
-        }
-        let dir: u64 = stored
-            .iter()
-            .map(|e| dir_entry_size(e.disk_name().len()))
-            .sum();
-        if dir + dir_entry_size(name.len()) > MAX_DIRECTORY_SIZE {
-            return Err(Error::DirectoryFull);
-        }
-        if st
-            .entries
-            .iter()
-            .any(|e| e.disk.as_ref().is_some_and(|d| d.name == name.as_bytes()))
-        {
-            return Err(Error::AlreadyStored);
-        }
         Ok(())
     }
 

@@ -259,6 +259,9 @@ impl Bitmaps {
                     Some(g) => check_granularity_arg(g)?,
                     None => default_granularity(self.cluster_size).trailing_zeros(),
                 };
+                if find(staged, name).is_some() {
+                    return Err(Error::Exists(name.to_string()));
+                }
                 if a.persistent {
                     self.check_can_store(
                         img,
@@ -273,9 +276,6 @@ impl Bitmaps {
                         node: self.node.clone(),
                         reason: Box::new(reason),
                     })?;
-                }
-                if find(staged, name).is_some() {
-                    return Err(Error::Exists(name.to_string()));
                 }
                 if name.len() > MAX_NAME_SIZE {
                     return Err(Error::NameTooLongTransient(name.to_string()));
@@ -358,8 +358,9 @@ impl Bitmaps {
         Ok(())
     }
 
-    /// The checks of `can_store_new` over a staged list of (persistent, disk entry, name).
-    fn check_can_store<'s>(
+    /// QEMU's `qcow2_co_can_store_new_dirty_bitmap` over a list of (persistent, disk
+    /// entry, name), counting bitmaps not stored yet too.
+    pub(crate) fn check_can_store<'s>(
         &self,
         img: &dyn ImageMetadata,
         entries: impl Iterator<Item = (bool, &'s Option<DirEntry>, &'s str)>,
@@ -375,8 +376,9 @@ impl Bitmaps {
         crate::limits::check_constraints(name, gbits, self.disk_size, self.cluster_size)?;
         let mut count = 0u64;
         let mut dir = 0u64;
-        // QEMU 10 has no "already stored" case here: every bitmap of the image is
-        // loaded, so a duplicate name is refused as existing.
+        // QEMU's "already stored" case cannot happen: every bitmap of the image is
+        // loaded (also an inconsistent one), so a duplicate name is refused as
+        // existing before this check.
         for (persistent, disk, n) in entries {
             if persistent || disk.is_some() {
                 count += 1;
