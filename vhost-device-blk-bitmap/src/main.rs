@@ -85,10 +85,16 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     // Whatever ended the server, store the bitmaps (or say why not) before exiting.
     let served = server.run();
-    if let Some(q) = &qmp {
+    if let Some((q, quit)) = &qmp {
+        // QEMU's reasons: a `quit` command, or a signal.
+        let reason = if quit.load(std::sync::atomic::Ordering::SeqCst) {
+            "host-qmp-quit"
+        } else {
+            "host-signal"
+        };
         q.emit(
             "SHUTDOWN",
-            serde_json::json!({"guest": false, "reason": "host-qmp-quit"}),
+            serde_json::json!({"guest": false, "reason": reason}),
         );
         q.stop();
     }
@@ -124,7 +130,8 @@ fn start_qmp(
     device: &Arc<BlkDevice>,
     bitmaps: Option<Arc<PersistentBitmaps>>,
     stop: &StopHandle,
-) -> Result<Arc<qmp::ServerHandle>, Box<dyn std::error::Error>> {
+) -> Result<(Arc<qmp::ServerHandle>, Arc<std::sync::atomic::AtomicBool>), Box<dyn std::error::Error>>
+{
     let control = Control {
         node: config.node_name.clone(),
         image: config.image.clone(),
@@ -158,15 +165,17 @@ fn start_qmp(
             }),
         );
     }));
-    let (waiter, stop) = (handle.clone(), stop.clone());
+    let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (waiter, stop, q) = (handle.clone(), stop.clone(), quit.clone());
     std::thread::Builder::new()
         .name("qmp-quit".into())
         .spawn(move || {
             waiter.wait();
             if !stop.is_stopping() {
                 log::info!("QMP quit: stopping");
+                q.store(true, std::sync::atomic::Ordering::SeqCst);
                 stop.stop();
             }
         })?;
-    Ok(handle)
+    Ok((handle, quit))
 }

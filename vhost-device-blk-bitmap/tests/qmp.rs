@@ -623,3 +623,23 @@ fn hostile_clients_do_not_stall_the_guest_or_other_clients() {
     drop(d);
     c.execute("quit", json!({})).unwrap();
 }
+
+/// SIGTERM stops the daemon as `quit` does; connected clients get `SHUTDOWN` first.
+#[test]
+fn sigterm_sends_shutdown_to_clients() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+    let (mut d, mut c) = ours(dir.path(), &img, &[]);
+    c.set_timeout(Some(Duration::from_secs(20))).unwrap();
+    // SAFETY: kill(2) with the pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(d.id() as i32, libc::SIGTERM) }, 0);
+    let ev = c.next_event().unwrap();
+    assert_eq!(ev["event"], "SHUTDOWN", "{ev}");
+    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
+    assert!(ev["timestamp"]["seconds"].as_u64().unwrap() > 0);
+    assert!(d.wait().unwrap().success());
+}
