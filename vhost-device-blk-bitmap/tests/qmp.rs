@@ -643,3 +643,59 @@ fn sigterm_sends_shutdown_to_clients() {
     assert!(ev["timestamp"]["seconds"].as_u64().unwrap() > 0);
     assert!(d.wait().unwrap().success());
 }
+
+/// A guest write that fails (the file system under the image is full) is reported to
+/// QMP clients as `BLOCK_IO_ERROR`.
+#[test]
+fn failed_guest_writes_are_reported_as_block_io_error() {
+    struct Mount(std::path::PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        // Needs root (as in CI) to mount a small file system.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "mounting a small tmpfs failed under CI=true"
+        );
+        eprintln!("note: cannot mount a tmpfs, test skipped");
+        return;
+    }
+    let _m = Mount(mnt.clone());
+    let img = mnt.join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let (mut d, mut c) = ours(dir.path(), &img, &["--format", "raw"]);
+    c.set_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut drv = Driver::connect(&dir.path().join("vhost.sock"), 1);
+    // 2 MiB of 4 KiB writes into a 1 MiB file system: the later ones fail.
+    for batch in 0..16u64 {
+        let granules: Vec<u64> = (0..32).map(|i| batch * 32 + i).collect();
+        write_batch(&mut drv.queues[0], &granules, 4096);
+    }
+    let ev = c.next_event().unwrap();
+    assert_eq!(ev["event"], "BLOCK_IO_ERROR", "{ev}");
+    assert_eq!(ev["data"]["operation"], "write");
+    assert_eq!(ev["data"]["node-name"], "disk0");
+    let stats = c.execute("query-blockstats", json!({})).unwrap();
+    assert!(
+        stats[0]["stats"]["failed_wr_operations"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    drop(drv);
+    c.execute("quit", json!({})).unwrap();
+    assert!(d.wait().unwrap().success());
+}
