@@ -328,11 +328,17 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+        let before = self.acked_features.swap(features, Ordering::Relaxed);
         self.device.set_acked_features(features);
-        if !self.logged_connection.swap(true, Ordering::Relaxed) {
+        let first = !self.logged_connection.swap(true, Ordering::Relaxed);
+        if features == 0 {
+            // Accepted (some frontends reset this way), but worth a line.
+            warn!("frontend set the features to 0");
+        } else if first || features != before {
+            // Every change is logged: LOG_ALL on and off is how migration shows up.
             info!(
-                "frontend negotiated features {features:#x} (event_idx={}, flush={}, log_all={}), {} queue(s) of up to {} entries",
+                "frontend {} features {features:#x} (event_idx={}, flush={}, log_all={}), {} queue(s) of up to {} entries",
+                if first { "negotiated" } else { "changed the" },
                 virtio_blk::has_event_idx(features),
                 virtio_blk::has_flush(features),
                 features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0,
