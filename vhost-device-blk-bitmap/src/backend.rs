@@ -155,11 +155,6 @@ impl BlkBackend {
         self.num_queues as u16 + 1
     }
 
-    /// Whether queue `q` runs the io_uring data path.
-    pub fn uses_io_uring(&self, q: usize) -> bool {
-        matches!(*self.lock_worker(q), QueueWorker::Uring(_))
-    }
-
     fn lock_worker(&self, q: usize) -> std::sync::MutexGuard<'_, QueueWorker> {
         self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -62,8 +62,8 @@ impl InflightCount {
         self.count.fetch_add(1, Ordering::SeqCst);
     }
 
-    fn dec(&self) {
-        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+    fn sub(&self, n: usize) {
+        if n > 0 && self.count.fetch_sub(n, Ordering::SeqCst) == n {
             // Taking the lock orders this with a waiter between its check and its wait.
             let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.cv.notify_all();
@@ -852,14 +852,7 @@ impl UringQueue {
     /// `n` completed requests are in the used ring: they no longer hold up
     /// GET_VRING_BASE or a disconnect.
     pub fn published(&self, n: usize) {
-        for _ in 0..n {
-            self.inflight.dec();
-        }
-    }
-
-    /// Whether requests are still in flight or deferred.
-    pub fn busy(&self) -> bool {
-        self.slots.len() != self.free.len()
+        self.inflight.sub(n);
     }
 }
 
