@@ -76,6 +76,15 @@ pub struct Config {
     pub node_name: String,
 }
 
+/// Whether two paths name the same file (or the same path when neither exists yet).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
+    }
+}
+
 /// Checks a node name as QEMU does: a letter, then letters, digits, `-`, `.` and `_`,
 /// 31 characters at most.
 pub fn check_node_name(name: &str) -> Result<(), ConfigError> {
@@ -228,6 +237,12 @@ impl TryFrom<ServeArgs> for Config {
             }
         };
         check_node_name(&a.node_name)?;
+        if same_file(&socket_path, &image) {
+            return Err(bad(format!(
+                "--socket-path '{}' is the image: the socket would replace it",
+                socket_path.display()
+            )));
+        }
         Ok(Config {
             socket_path,
             image,

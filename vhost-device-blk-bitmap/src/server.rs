@@ -26,8 +26,9 @@ pub enum ServerError {
     Listen {
         /// Socket path.
         path: PathBuf,
-        /// The vhost error.
-        err: VhostUserError,
+        /// Why.
+        #[source]
+        err: qmp::ServerError,
     },
     /// The vhost-user daemon could not be set up or accept.
     #[error("vhost-user daemon: {0}")]
@@ -218,10 +219,21 @@ impl Server {
     /// the caller.
     pub fn run(&self) -> Result<(), ServerError> {
         let path = &self.config.socket_path;
-        let mut listener = Listener::new(path, true).map_err(|err| ServerError::Listen {
+        // Mode 0600 from the start, never replacing anything but a stale socket (a file
+        // or a live socket at the path is an error), removed at exit only if still ours.
+        let listen_err = |err| ServerError::Listen {
             path: path.clone(),
             err,
+        };
+        let (socket, id) = qmp::bind_private_socket(path).map_err(listen_err)?;
+        socket.set_nonblocking(false).map_err(|e| {
+            listen_err(qmp::ServerError::Io {
+                what: "set_nonblocking",
+                path: path.clone(),
+                source: e,
+            })
         })?;
+        let mut listener = Listener::from(socket);
         info!(
             "listening on {} ({} queue(s), image of {} bytes{})",
             path.display(),
@@ -240,6 +252,7 @@ impl Server {
             self.serve_one(&mut listener)?;
         }
         drop(listener);
+        qmp::remove_socket_if_ours(path, id);
         if let Err(e) = self.device.image().flush() {
             error!("final flush failed: {e}");
         }

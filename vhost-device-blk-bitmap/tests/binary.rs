@@ -289,3 +289,47 @@ fn direct_io_on_a_raw_image() {
     let st = wait_exit(&mut child, 10);
     assert_eq!(st.code(), Some(0), "{}", stderr_of(&mut child));
 }
+
+/// The vhost-user socket is created with mode 0600; a regular file at its path is left
+/// alone (the daemon refuses to start); a socket path naming the image is refused.
+#[test]
+fn socket_is_private_and_never_replaces_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path());
+    let socket = dir.path().join("vhost.sock");
+    let mut d = spawn(&socket, &image, &[]);
+    wait_for_socket(&mut d, &socket);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    // SAFETY: kill(2) with our child's pid and a valid signal.
+    assert_eq!(unsafe { libc::kill(d.id() as i32, libc::SIGTERM) }, 0);
+    assert!(d.wait().unwrap().success());
+    assert!(!socket.exists(), "removed at exit");
+
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, b"precious").unwrap();
+    let out = Command::new(BIN)
+        .args(["--socket-path"])
+        .arg(&file)
+        .arg("--image")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+
+    let out = Command::new(BIN)
+        .args(["--socket-path"])
+        .arg(&image)
+        .arg("--image")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the image"), "{err}");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), common::DISK_SIZE);
+}

@@ -65,6 +65,7 @@ pub use args::{ArgItem, ArgList, Args, ArgsExt};
 pub use client::Client;
 pub use error::{ClientError, ErrorClass, QmpError, ServerError};
 pub use server::{Emitter, Server, ServerConfig, ServerHandle};
+pub use socket::{bind as bind_private_socket, remove_if_ours as remove_socket_if_ours, FileId};
 
 /// The version a server announces in its greeting and in `query-version`
 /// (QEMU's `VersionInfo`).

@@ -14,12 +14,13 @@ const SUN_PATH_MAX: usize = 107;
 
 /// Identity of the socket inode we created, to remove only our own file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileId {
+pub struct FileId {
     dev: u64,
     ino: u64,
 }
 
 impl FileId {
+    /// The identity of the file at `path` (not following a symlink).
     pub fn of(path: &Path) -> Option<FileId> {
         fs::symlink_metadata(path).ok().map(|m| FileId {
             dev: m.dev(),
@@ -50,7 +51,7 @@ fn clear_path(path: &Path) -> Result<(), ServerError> {
     match UnixStream::connect(path) {
         Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            log::info!("removing stale QMP socket {}", path.display());
+            log::info!("removing stale socket {}", path.display());
             match fs::remove_file(path) {
                 Err(e) if e.kind() != ErrorKind::NotFound => {
                     Err(io_err("removing stale socket", path)(e))
@@ -71,7 +72,7 @@ fn clear_path(path: &Path) -> Result<(), ServerError> {
 /// program. `link()` never replaces an existing file, so a file appearing at
 /// `path` meanwhile is left alone. A path too long for `sun_path` inside the
 /// private directory is reached through `/proc/self/fd`.
-pub(crate) fn bind(path: &Path) -> Result<(UnixListener, FileId), ServerError> {
+pub fn bind(path: &Path) -> Result<(UnixListener, FileId), ServerError> {
     if path.file_name().is_none() {
         return Err(ServerError::BadPath(path.to_path_buf()));
     }
@@ -127,10 +128,10 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, FileId), ServerError> {
 }
 
 /// Removes `path` if it is still the socket we created.
-pub(crate) fn remove_if_ours(path: &Path, id: FileId) {
+pub fn remove_if_ours(path: &Path, id: FileId) {
     if FileId::of(path) == Some(id) {
         if let Err(e) = fs::remove_file(path) {
-            log::warn!("removing QMP socket {}: {e}", path.display());
+            log::warn!("removing socket {}: {e}", path.display());
         }
     }
 }
