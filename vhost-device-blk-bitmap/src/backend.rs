@@ -57,7 +57,10 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 #[derive(Debug)]
 enum QueueWorker {
     /// One synchronous request at a time through a bounce buffer.
-    Sync { buf: AlignedBuf },
+    Sync {
+        buf: AlignedBuf,
+        stats: Arc<crate::stats::QueueStats>,
+    },
     /// io_uring: many requests in flight.
     Uring(Box<UringQueue>),
 }
@@ -124,8 +127,10 @@ impl BlkBackend {
                     }
                 }
             }
+            let q = workers.len();
             workers.push(Mutex::new(worker.unwrap_or_else(|| QueueWorker::Sync {
                 buf: AlignedBuf::new(CHUNK_SIZE),
+                stats: device.stats().queue(q),
             })));
             inflight.push(count);
             let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
@@ -248,10 +253,9 @@ impl BlkBackend {
                     (QueueWorker::Uring(_), None) => {
                         unreachable!("io_uring queue without a data path")
                     }
-                    (QueueWorker::Sync { buf }, _) => {
+                    (QueueWorker::Sync { buf, stats }, _) => {
                         let head = chain.head_index();
-                        let stats = self.device.stats().queue(queue_index);
-                        let used = process_chain(&self.device, buf, &mem, chain, &stats);
+                        let used = process_chain(&self.device, buf, &mem, chain, stats);
                         if let Err(e) = state.add_used(head, used) {
                             warn!("queue {queue_index}: add_used failed: {e}");
                         }

@@ -185,12 +185,22 @@ pub trait DirectIo: Send + Sync + fmt::Debug {
 
 /// Waits (blocking the thread) for an operation that may answer Busy.
 pub(crate) fn blocking<T>(mut op: impl FnMut(&Waker) -> Result<Attempt<T>>) -> Result<T> {
-    let pair = Arc::new((Mutex::new(false), Condvar::new()));
-    let p = pair.clone();
-    let waker: Waker = Arc::new(move || {
-        *p.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        p.1.notify_all();
-    });
+    /// A flag with a condition variable, and the waker that sets it.
+    type Signal = (Arc<(Mutex<bool>, Condvar)>, Waker);
+    thread_local! {
+        // One per thread, made once: the synchronous path allocates nothing per request
+        // for it. A wake-up left over from an earlier request only costs a retry.
+        static SIGNAL: Signal = {
+            let pair = Arc::new((Mutex::new(false), Condvar::new()));
+            let p = pair.clone();
+            let waker: Waker = Arc::new(move || {
+                *p.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                p.1.notify_all();
+            });
+            (pair, waker)
+        };
+    }
+    let (pair, waker) = SIGNAL.with(|(p, w)| (p.clone(), w.clone()));
     loop {
         match op(&waker)? {
             Attempt::Ready(t) => return Ok(t),

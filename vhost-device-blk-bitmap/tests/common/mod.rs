@@ -364,38 +364,7 @@ impl QueueDriver {
     /// Places a chain of (guest address, length, device-writable) buffers on the queue
     /// (descriptors 0..n) and kicks; does not wait.
     pub fn submit(&mut self, bufs: &[(u64, u32, bool)]) {
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let mut flags = 0u16;
-            if i + 1 < bufs.len() {
-                flags |= 1; // NEXT
-            }
-            if write {
-                flags |= 2; // WRITE
-            }
-            let d = self.base + 16 * i as u64;
-            self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
-            self.mem
-                .write_obj(len.to_le(), GuestAddress(d + 8))
-                .unwrap();
-            self.mem
-                .write_obj(flags.to_le(), GuestAddress(d + 12))
-                .unwrap();
-            self.mem
-                .write_obj(((i + 1) as u16).to_le(), GuestAddress(d + 14))
-                .unwrap();
-        }
-        let avail = self.base + 0x1000;
-        let slot = u64::from(self.next_avail % QSIZE);
-        self.mem
-            .write_obj(0u16, GuestAddress(avail + 4 + 2 * slot))
-            .unwrap();
-        self.next_avail = self.next_avail.wrapping_add(1);
-        fence(Ordering::SeqCst);
-        self.mem
-            .write_obj(self.next_avail.to_le(), GuestAddress(avail + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        self.kick.write(1).unwrap();
+        self.submit_batch(&[bufs.to_vec()], bufs.len().max(1) as u16);
     }
 
     /// Places several chains at once (chain `i` uses descriptors from `i * stride`) and
