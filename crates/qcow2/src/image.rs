@@ -30,6 +30,7 @@ use crate::header::{
     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
 use crate::meta::{Mapping, Meta, COPIED, REFT_OFFSET_MASK, ZERO};
+use crate::status::{self, push_status, BlockStatus};
 use crate::{check_range, BlockImage, FileStorage, HeaderUpdate, HostOffset, ImageMetadata};
 use crate::{RawImage, Storage};
 
@@ -65,6 +66,14 @@ pub struct Qcow2Image {
     backing: Option<Arc<dyn BlockImage>>,
     meta: RwLock<Meta>,
     gate: Arc<IoGate>,
+}
+
+/// What one guest cluster holds in this layer (for block status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    Data,
+    Zero,
+    Unallocated,
 }
 
 /// Where the bytes of one piece of a guest range come from.
@@ -413,6 +422,90 @@ impl Qcow2Image {
             pos += n;
         }
         Ok(Some(plan))
+    }
+
+    /// What each guest cluster of `[offset, end)` holds, as spans of one kind (merged),
+    /// stopping early after a bounded number of L2 lookups. Lookups the caches answer run
+    /// under the shared lock; a table that must be read takes the exclusive one for that
+    /// cluster only.
+    fn layer_spans(&self, offset: u64, end: u64) -> Result<Vec<(Layer, u64)>> {
+        const MAX_LOOKUPS: usize = 1 << 18;
+        let cs = self.cluster_size();
+        let mut spans: Vec<(Layer, u64)> = Vec::new();
+        let mut pos = offset;
+        let mut lookups = 0;
+        let push = |spans: &mut Vec<(Layer, u64)>, layer: Layer, len: u64| match spans.last_mut() {
+            Some((l, n)) if *l == layer => *n += len,
+            _ => spans.push((layer, len)),
+        };
+        while pos < end && lookups < MAX_LOOKUPS && spans.len() < status::MAX_STATUS_RUNS {
+            let gc = pos / cs;
+            let m = self.read_meta();
+            if let Some(next) = m.unmapped_until(gc) {
+                let stop = next.saturating_mul(cs).min(end);
+                push(&mut spans, Layer::Unallocated, stop - pos);
+                pos = stop;
+                continue;
+            }
+            let mapping = match m.peek_mapping(gc) {
+                Some(map) => map,
+                None => {
+                    drop(m);
+                    self.lock().mapping(gc)?
+                }
+            };
+            lookups += 1;
+            let layer = match mapping {
+                Mapping::Normal(..) | Mapping::Compressed(..) => Layer::Data,
+                Mapping::Zero(..) => Layer::Zero,
+                Mapping::Unallocated => Layer::Unallocated,
+            };
+            let stop = ((gc + 1) * cs).min(end);
+            push(&mut spans, layer, stop - pos);
+            pos = stop;
+        }
+        Ok(spans)
+    }
+
+    /// The allocation status through the backing chain (see [`BlockImage::block_status`]).
+    fn status_runs(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>> {
+        check_range(offset, len, self.size)?;
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        for (layer, n) in self.layer_spans(offset, offset + len)? {
+            let run = |length, data, zero, depth| BlockStatus {
+                length,
+                data,
+                zero,
+                depth,
+            };
+            match (layer, &self.backing) {
+                (Layer::Data, _) => push_status(&mut runs, run(n, true, false, 1)),
+                (Layer::Zero, _) => push_status(&mut runs, run(n, false, true, 1)),
+                (Layer::Unallocated, None) => push_status(&mut runs, run(n, false, true, 0)),
+                (Layer::Unallocated, Some(backing)) => {
+                    // The backing file answers for what it covers; past its end: zeroes.
+                    let covered = backing.size().saturating_sub(pos).min(n);
+                    let mut done = 0;
+                    while done < covered && runs.len() < status::MAX_STATUS_RUNS {
+                        let below = backing.block_status(pos + done, covered - done)?;
+                        done += below.iter().map(|r| r.length).sum::<u64>();
+                        for r in status::deeper(below) {
+                            push_status(&mut runs, r);
+                        }
+                    }
+                    if done < covered {
+                        return Ok(runs);
+                    }
+                    push_status(&mut runs, run(n - covered, false, true, 0));
+                }
+            }
+            pos += n;
+            if runs.len() >= status::MAX_STATUS_RUNS {
+                break;
+            }
+        }
+        Ok(runs)
     }
 
     /// Plans a read: the mapping is looked up under the lock; backing-file and compressed
@@ -983,6 +1076,10 @@ impl BlockImage for Qcow2Image {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         direct::write_blocking(self, buf, offset)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>> {
+        self.status_runs(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

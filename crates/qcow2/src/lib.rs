@@ -16,6 +16,7 @@ pub mod direct;
 pub mod error;
 pub mod header;
 pub mod offsets;
+pub mod status;
 pub mod storage;
 
 mod cache;
@@ -39,6 +40,7 @@ pub use image::{check, check_image, is_qcow2, OpenOptions, Qcow2Image};
 pub use meta_api::{HeaderUpdate, ImageMetadata, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 pub use offsets::{GuestOffset, HostOffset};
 pub use raw::RawImage;
+pub use status::BlockStatus;
 pub use storage::{FileStorage, MemStorage, Storage, DIRECT_ALIGN};
 
 /// The data path of a virtual disk. All methods take `&self` and may be called from
@@ -64,6 +66,24 @@ pub trait BlockImage: Send + Sync + std::fmt::Debug {
     /// io_uring), when the image has one.
     fn direct(&self) -> Option<&dyn DirectIo> {
         None
+    }
+    /// The allocation status of `[offset, offset+len)` as consecutive runs from `offset`
+    /// with equal neighbours merged: at least one run when `len > 0`, at most
+    /// [`status::MAX_STATUS_RUNS`]; they may end early (ask again from there) but never
+    /// run past the range. The default reports everything as data of this layer.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>> {
+        check_range(offset, len, self.size())?;
+        let mut runs = Vec::new();
+        status::push_status(
+            &mut runs,
+            BlockStatus {
+                length: len,
+                data: true,
+                zero: false,
+                depth: 1,
+            },
+        );
+        Ok(runs)
     }
 }
 

@@ -620,6 +620,17 @@ impl Meta {
         })
     }
 
+    /// The first guest cluster after `guest_cluster` whose L2 table could exist, when the
+    /// L1 entry of `guest_cluster` has no table (every cluster up to it is unallocated).
+    pub fn unmapped_until(&self, guest_cluster: u64) -> Option<u64> {
+        let n = self.l2_entries();
+        match self.l1.get((guest_cluster / n) as usize) {
+            Some(&e) if e & OFFSET_MASK != 0 => None,
+            Some(_) => Some((guest_cluster / n + 1) * n),
+            None => Some(u64::MAX),
+        }
+    }
+
     pub fn mapping(&mut self, guest_cluster: u64) -> Result<Mapping> {
         let e = self.l2_entry(guest_cluster)?;
         self.decode(e)

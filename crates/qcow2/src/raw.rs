@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::direct::{Attempt, DataFiles, DirectIo, ReadPiece, ReadPlan, Waker, WritePiece};
 use crate::direct::{WritePlan, ZeroPlan};
 use crate::error::{Error, IoContext, Result};
+use crate::status::{push_status, BlockStatus, MAX_STATUS_RUNS};
 use crate::{check_range, BlockImage, Storage};
 
 /// A raw image: guest offset = file offset.
@@ -82,6 +83,33 @@ impl BlockImage for RawImage {
 
     fn direct(&self) -> Option<&dyn DirectIo> {
         Some(self)
+    }
+
+    /// Holes of the file (SEEK_HOLE) read as zeroes; QEMU counts them as allocated
+    /// (depth 1), as file-posix does.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>> {
+        check_range(offset, len, self.size)?;
+        let end = offset + len;
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end && runs.len() < MAX_STATUS_RUNS {
+            let (data, next) = self
+                .storage
+                .data_extent(pos, end)
+                .ctx(|| format!("looking for data in the raw image at {pos:#x}"))?;
+            let next = next.clamp(pos + 1, end);
+            push_status(
+                &mut runs,
+                BlockStatus {
+                    length: next - pos,
+                    data,
+                    zero: !data,
+                    depth: 1,
+                },
+            );
+            pos = next;
+        }
+        Ok(runs)
     }
 }
 

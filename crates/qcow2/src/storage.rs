@@ -32,6 +32,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zeros(self, offset, len)
     }
+    /// Whether `offset` lies in data (`true`) or in a hole, and where that state ends
+    /// (at most `end`). Storage that cannot tell reports data up to `end`.
+    fn data_extent(&self, offset: u64, end: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((true, end))
+    }
     /// The file descriptors, when the storage is a file (for io_uring).
     fn data_files(&self) -> Option<crate::DataFiles> {
         None
@@ -194,12 +200,44 @@ impl Storage for FileStorage {
         write_zeros(self, offset, len)
     }
 
+    fn data_extent(&self, offset: u64, end: u64) -> io::Result<(bool, u64)> {
+        let next = |whence| lseek(&self.file, offset, whence);
+        match next(libc::SEEK_DATA) {
+            // A hole up to the next data (or to the end of the file).
+            Ok(d) if d > offset => Ok((false, d.min(end))),
+            Ok(_) => Ok((
+                true,
+                next(libc::SEEK_HOLE)
+                    .unwrap_or(end)
+                    .min(end)
+                    .max(offset + 1),
+            )),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((false, end)),
+            // File systems without SEEK_DATA: all data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((true, end)),
+            Err(e) => Err(e),
+        }
+    }
+
     fn data_files(&self) -> Option<crate::DataFiles> {
         use std::os::fd::AsRawFd;
         Some(crate::DataFiles {
             buffered: self.file.as_raw_fd(),
             direct: self.direct.as_ref().map(AsRawFd::as_raw_fd),
         })
+    }
+}
+
+/// `lseek(2)` with SEEK_DATA or SEEK_HOLE (the file position is not used by our I/O,
+/// which is all positioned).
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek only reads its integer arguments; the fd is owned by `file`.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
     }
 }
 
