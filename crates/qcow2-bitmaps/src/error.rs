@@ -71,6 +71,9 @@ pub enum Error {
     /// A change to a bitmap of an image opened read-only.
     #[error("Bitmap '{0}' is readonly and cannot be modified")]
     ReadOnly(String),
+    /// The bitmap is in use by another operation (an export).
+    #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
+    Busy(String),
     /// No bitmap of that name.
     #[error("Dirty bitmap '{0}' not found")]
     NotFound(String),

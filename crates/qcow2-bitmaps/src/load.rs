@@ -80,6 +80,7 @@ fn read_bitmaps(img: &dyn ImageMetadata) -> Result<Loaded> {
         state: State {
             entries,
             ext: Some(ext),
+            busy: Default::default(),
         },
         drop_ext: false,
     })

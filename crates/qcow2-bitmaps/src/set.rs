@@ -89,6 +89,8 @@ pub(crate) struct State {
     pub entries: Vec<Entry>,
     /// The bitmaps extension as it is on disk now (`None`: no extension).
     pub ext: Option<BitmapsExt>,
+    /// Bitmaps in use by another operation (an export): every action naming them fails.
+    pub busy: std::collections::BTreeSet<String>,
 }
 
 impl State {
@@ -119,6 +121,8 @@ pub struct BitmapInfo {
     pub dirty_bytes: u64,
     /// Number of set bits; 0 if inconsistent.
     pub count: u64,
+    /// In use by another operation (exported).
+    pub busy: bool,
 }
 
 impl BitmapInfo {
@@ -146,6 +150,8 @@ pub struct Bitmaps {
     pub(crate) cluster_size: u64,
     hot: ArcSwap<Vec<Arc<DirtyBitmap>>>,
     pub(crate) gate: MarkGate,
+    /// Bumped by every transaction commit (see [`Bitmaps::generation`]).
+    pub(crate) generation: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -175,6 +181,7 @@ impl Bitmaps {
             cluster_size,
             hot: ArcSwap::from_pointee(Vec::new()),
             gate: MarkGate::default(),
+            generation: AtomicU64::new(0),
             state: Mutex::new(state),
         };
         b.publish(&b.lock());
@@ -183,14 +190,45 @@ impl Bitmaps {
 
     /// Records a guest write of `len` bytes at `offset` in every enabled bitmap.
     /// Lock-free: the gate's two atomic operations, one atomic pointer load, and atomic
-    /// bit operations.
+    /// bit operations. Returns the [generation](Bitmaps::generation) the write was
+    /// recorded in.
     #[inline]
-    pub fn mark(&self, offset: u64, len: u64) {
+    pub fn mark(&self, offset: u64, len: u64) -> u64 {
         self.gate.enter();
+        let generation = self.generation.load(Ordering::Acquire);
         for bm in self.hot.load().iter() {
             bm.set_range(offset, len);
         }
         self.gate.leave();
+        generation
+    }
+
+    /// The number of transactions committed so far. A write recorded by [`Bitmaps::mark`]
+    /// in an older generation than the current one may have landed after a transaction
+    /// that created or enabled other bitmaps: mark it again when it completes, so that
+    /// every bitmap enabled while it was in flight has it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Marks a bitmap busy (exported: every action naming it fails with QEMU's text) and
+    /// returns its bits, or clears the mark.
+    pub fn set_busy(&self, name: &str, busy: bool) -> Result<Arc<DirtyBitmap>> {
+        let mut st = self.lock();
+        let i = st
+            .find(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        let bm = st.entries[i]
+            .bitmap
+            .clone()
+            .ok_or_else(|| Error::Inconsistent(name.to_string()))?;
+        if busy && !st.busy.insert(name.to_string()) {
+            return Err(Error::Busy(name.to_string()));
+        }
+        if !busy {
+            st.busy.remove(name);
+        }
+        Ok(bm)
     }
 
     /// Whether any bitmap would record a write now (lets callers skip work).
@@ -249,6 +287,7 @@ impl Bitmaps {
                 disk_auto: e.disk.as_ref().map(|d| d.flags & FLAG_AUTO != 0),
                 dirty_bytes: e.bitmap.as_ref().map_or(0, |b| b.dirty_bytes()),
                 count: e.bitmap.as_ref().map_or(0, |b| b.count()),
+                busy: st.busy.contains(&e.name),
             })
             .collect()
     }

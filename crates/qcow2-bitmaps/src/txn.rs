@@ -13,6 +13,7 @@
 //! A guest write waits at most for that commit: a pointer swap, plus the ORs when the
 //! transaction merges (about a millisecond per few MiB of bitmap).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dirty_bitmap::DirtyBitmap;
@@ -93,6 +94,8 @@ struct Staged {
     disk: Option<DirEntry>,
     /// Not in the current list (added by this transaction).
     new: bool,
+    /// In use by another operation: no action may name it.
+    busy: bool,
 }
 
 impl Bitmaps {
@@ -102,6 +105,21 @@ impl Bitmaps {
         img: &dyn ImageMetadata,
         actions: &[Action<'_>],
         opts: TxnOptions,
+    ) -> std::result::Result<(), TxnError> {
+        self.transaction_with(img, actions, opts, &mut || {})
+    }
+
+    /// [`Bitmaps::transaction`], running `at_commit` at the instant the new bitmap state
+    /// takes effect, with marking paused: a write is recorded either before both or after
+    /// both (e.g. a point-in-time view starts at the same instant as a new bitmap).
+    /// `at_commit` runs only when every action succeeded, with the set locked: it must not
+    /// mark nor call into this set (but [`Bitmaps::generation`]).
+    pub fn transaction_with(
+        &self,
+        img: &dyn ImageMetadata,
+        actions: &[Action<'_>],
+        opts: TxnOptions,
+        at_commit: &mut dyn FnMut(),
     ) -> std::result::Result<(), TxnError> {
         let mut st = self.lock();
         let mut staged: Vec<Staged> = st
@@ -115,6 +133,7 @@ impl Bitmaps {
                 enabled: e.bitmap.as_ref().is_some_and(|b| b.is_enabled()),
                 disk: e.disk.clone(),
                 new: false,
+                busy: st.busy.contains(&e.name),
             })
             .collect();
         let mut removed_disk: Vec<DirEntry> = Vec::new();
@@ -219,6 +238,8 @@ impl Bitmaps {
             })
             .collect();
         self.publish(&st);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        at_commit();
         self.gate.resume();
         let new_ext = st.ext;
         drop(st);
@@ -242,6 +263,9 @@ impl Bitmaps {
         let find = |staged: &Vec<Staged>, name: &str| staged.iter().position(|s| s.name == name);
         let usable = |staged: &Vec<Staged>, name: &str| -> Result<usize> {
             let i = find(staged, name).ok_or_else(|| Error::NotFound(name.to_string()))?;
+            if staged[i].busy {
+                return Err(Error::Busy(name.to_string()));
+            }
             if staged[i].bitmap.is_none() {
                 return Err(Error::Inconsistent(name.to_string()));
             }
@@ -293,10 +317,14 @@ impl Bitmaps {
                     enabled: !a.disabled,
                     disk: None,
                     new: true,
+                    busy: false,
                 });
             }
             Action::Remove { name } => {
                 let i = find(staged, name).ok_or_else(|| Error::NotFound(name.to_string()))?;
+                if staged[i].busy {
+                    return Err(Error::Busy(name.to_string()));
+                }
                 if self.read_only {
                     return Err(Error::ReadOnly(name.to_string()));
                 }
@@ -337,6 +365,9 @@ impl Bitmaps {
                         MergeSource::Local(n) => {
                             let i =
                                 find(staged, n).ok_or_else(|| Error::NotFound(n.to_string()))?;
+                            if staged[i].busy {
+                                return Err(Error::Busy(n.to_string()));
+                            }
                             staged[i]
                                 .bitmap
                                 .clone()

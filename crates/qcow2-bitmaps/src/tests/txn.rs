@@ -251,3 +251,76 @@ fn concurrent_writes_land_wholly_before_or_after() {
     let total: u64 = maps.iter().map(|m| m.count()).sum();
     assert_eq!(total, THREADS * WRITES * 3, "no extra bits");
 }
+
+#[test]
+fn a_busy_bitmap_refuses_every_action_that_names_it() {
+    let img = MemImage::new(CS, DISK);
+    let set = set_with_b0(&img);
+    set.add(&img, "b1", AddOptions::default()).unwrap();
+    set.set_busy("b0", true).unwrap();
+    assert_eq!(
+        set.set_busy("b0", true).unwrap_err().to_string(),
+        "Bitmap 'b0' is currently in use by another operation and cannot be used"
+    );
+    assert!(set.list().iter().any(|b| b.name == "b0" && b.busy));
+    let busy = |a: Action<'_>| set.transaction(&img, &[a], in_use()).unwrap_err().error;
+    for a in [
+        Action::Remove { name: "b0" },
+        Action::Clear { name: "b0" },
+        Action::Enable { name: "b0" },
+        Action::Disable { name: "b0" },
+        Action::Merge {
+            target: "b0",
+            sources: vec![MergeSource::Local("b1")],
+        },
+        Action::Merge {
+            target: "b1",
+            sources: vec![MergeSource::Local("b0")],
+        },
+    ] {
+        assert!(matches!(busy(a), Error::Busy(n) if n == "b0"));
+    }
+    // Other bitmaps are not affected; the mark is released.
+    set.transaction(&img, &[Action::Clear { name: "b1" }], in_use())
+        .unwrap();
+    set.set_busy("b0", false).unwrap();
+    set.transaction(&img, &[Action::Remove { name: "b0" }], in_use())
+        .unwrap();
+}
+
+#[test]
+fn commit_hook_runs_once_in_the_new_generation_and_only_on_success() {
+    let img = MemImage::new(CS, DISK);
+    let set = set_with_b0(&img);
+    let g0 = set.mark(0, 512);
+    let mut runs = 0;
+    let mut seen = 0;
+    set.transaction_with(
+        &img,
+        &[Action::Remove { name: "nope" }],
+        in_use(),
+        &mut || runs += 1,
+    )
+    .unwrap_err();
+    assert_eq!(
+        (runs, set.generation()),
+        (0, g0),
+        "a failed transaction commits nothing"
+    );
+    set.transaction_with(
+        &img,
+        &[Action::Add {
+            name: "b1",
+            opts: AddOptions::default(),
+        }],
+        in_use(),
+        &mut || {
+            runs += 1;
+            seen = set.generation();
+        },
+    )
+    .unwrap();
+    assert_eq!(runs, 1);
+    assert_eq!(seen, g0 + 1, "the hook sees the new generation");
+    assert_eq!(set.mark(0, 512), g0 + 1);
+}
