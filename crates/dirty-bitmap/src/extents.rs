@@ -31,10 +31,10 @@ pub struct Extents<'a> {
 }
 
 impl<'a> Extents<'a> {
-    pub(crate) fn new(bitmap: &'a DirtyBitmap) -> Self {
+    pub(crate) fn new(bitmap: &'a DirtyBitmap, first_bit: u64) -> Self {
         Self {
             bitmap,
-            next_bit: 0,
+            next_bit: first_bit,
             next_dirty: None,
         }
     }
@@ -76,7 +76,13 @@ impl FusedIterator for Extents<'_> {}
 impl DirtyBitmap {
     /// Iterates over maximal clean and dirty runs covering the whole disk.
     pub fn extents(&self) -> Extents<'_> {
-        Extents::new(self)
+        Extents::new(self, 0)
+    }
+
+    /// Iterates over maximal runs from the granule holding `offset` to the end of the
+    /// disk (the first run starts at that granule's first byte, at or before `offset`).
+    pub fn extents_from(&self, offset: u64) -> Extents<'_> {
+        Extents::new(self, offset >> self.granularity_bits())
     }
 
     /// Iterates over `(start, length)` in bytes of the dirty runs.
@@ -84,5 +90,31 @@ impl DirtyBitmap {
         self.extents()
             .filter(|e| e.dirty)
             .map(|e| (e.start, e.length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::DirtyBitmap;
+
+    #[test]
+    fn extents_from_start_at_the_granule_of_the_offset() {
+        let bm = DirtyBitmap::new(1 << 20, 65536).unwrap();
+        bm.set_range(65536 * 3, 65536 * 2);
+        let from: Vec<_> = bm
+            .extents_from(65536 * 2 + 100)
+            .map(|e| (e.start, e.length, e.dirty))
+            .collect();
+        assert_eq!(
+            from,
+            vec![
+                (131072, 65536, false),
+                (196608, 131072, true),
+                (327680, (1 << 20) - 327680, false)
+            ]
+        );
+        assert_eq!(bm.extents_from(1 << 20).count(), 0, "nothing past the end");
+        let all: Vec<_> = bm.extents().collect();
+        assert_eq!(bm.extents_from(0).collect::<Vec<_>>(), all);
     }
 }
