@@ -57,6 +57,12 @@ pub enum Action<'a> {
         /// Its name.
         name: &'a str,
     },
+    /// Mark a bitmap busy (in use by an export) from the commit on; release it with
+    /// [`Bitmaps::set_busy`]. Refused for a missing, inconsistent or already busy bitmap.
+    Busy {
+        /// Its name.
+        name: &'a str,
+    },
     /// OR the sources into the target.
     Merge {
         /// The target's name.
@@ -206,6 +212,11 @@ impl Bitmaps {
             }
         }
         // Commit in memory, with marking paused: no write is half before, half after.
+        let busy: Vec<String> = staged
+            .iter()
+            .filter(|s| s.busy)
+            .map(|s| s.name.clone())
+            .collect();
         let mut entries = Vec::with_capacity(staged.len());
         for s in staged {
             entries.push((
@@ -220,6 +231,7 @@ impl Bitmaps {
             ));
         }
         self.gate.pause();
+        st.busy = busy.into_iter().collect();
         for (dst, srcs) in &merges {
             for s in srcs {
                 if !Arc::ptr_eq(s, dst) {
@@ -357,6 +369,16 @@ impl Bitmaps {
             Action::Disable { name } => {
                 let i = usable(staged, name)?;
                 staged[i].enabled = false;
+            }
+            Action::Busy { name } => {
+                let i = find(staged, name).ok_or_else(|| Error::NotFound(name.to_string()))?;
+                if staged[i].busy {
+                    return Err(Error::Busy(name.to_string()));
+                }
+                if staged[i].bitmap.is_none() {
+                    return Err(Error::Inconsistent(name.to_string()));
+                }
+                staged[i].busy = true;
             }
             Action::Merge { target, sources } => {
                 let mut srcs = Vec::with_capacity(sources.len());

@@ -324,3 +324,31 @@ fn commit_hook_runs_once_in_the_new_generation_and_only_on_success() {
     assert_eq!(seen, g0 + 1, "the hook sees the new generation");
     assert_eq!(set.mark(0, 512), g0 + 1);
 }
+
+#[test]
+fn busy_action_takes_effect_with_the_commit_after_the_other_actions() {
+    let img = MemImage::new(CS, DISK);
+    let set = set_with_b0(&img);
+    // Disable, then export: the disable is allowed because the mark comes after it.
+    set.transaction(
+        &img,
+        &[Action::Disable { name: "b0" }, Action::Busy { name: "b0" }],
+        in_use(),
+    )
+    .unwrap();
+    let info = set.list();
+    assert!(info[0].busy && !info[0].enabled, "{info:?}");
+    let e = set
+        .transaction(&img, &[Action::Busy { name: "b0" }], in_use())
+        .unwrap_err();
+    assert!(matches!(e.error, Error::Busy(_)));
+    // A failed transaction leaves no mark behind.
+    set.set_busy("b0", false).unwrap();
+    set.transaction(
+        &img,
+        &[Action::Busy { name: "b0" }, Action::Remove { name: "nope" }],
+        in_use(),
+    )
+    .unwrap_err();
+    assert!(!set.list()[0].busy);
+}
