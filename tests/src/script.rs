@@ -41,6 +41,15 @@ pub enum DiskOp {
         /// Length in bytes (multiple of 512).
         len: u64,
     },
+    /// Waits (polling O_DIRECT reads, up to 240 s) until the 512-byte sector at `offset`
+    /// holds `pattern` in every byte: the host's signal that the guest may go on (the
+    /// host writes the sector, e.g. through a writable NBD export of the same disk).
+    WaitFor {
+        /// Byte offset (multiple of 512).
+        offset: u64,
+        /// Expected byte.
+        pattern: u8,
+    },
     /// A cache flush of the device (fsync on the block device). The guest sends it only
     /// while the device's write cache is on (see [`DiskOp::WriteCache`]).
     Flush,
@@ -116,6 +125,11 @@ impl GuestScript {
         self.op(DiskOp::WriteCache { enabled })
     }
 
+    /// Appends a wait for the host's signal in the sector at `offset`.
+    pub fn wait_for(self, offset: u64, pattern: u8) -> Self {
+        self.op(DiskOp::WaitFor { offset, pattern })
+    }
+
     /// Appends a flush.
     pub fn flush(self) -> Self {
         self.op(DiskOp::Flush)
@@ -151,6 +165,7 @@ impl GuestScript {
                 | DiskOp::Verify { offset, len, .. }
                 | DiskOp::Discard { offset, len }
                 | DiskOp::WriteZeroes { offset, len } => (offset, len),
+                DiskOp::WaitFor { offset, .. } => (offset, 512),
                 DiskOp::Flush | DiskOp::WriteCache { .. } => continue,
             };
             if (offset | len) & 511 != 0 || len == 0 {
@@ -231,6 +246,17 @@ impl GuestScript {
                          [ \"$(cat {attr})\" = '{mode}' ] || fail {n} \"cache_type is $(cat {attr})\"\n"
                     ));
                 }
+                DiskOp::WaitFor { offset, pattern } => {
+                    s.push_str(&format!(
+                        "head -c 512 /dev/zero | tr '\\000' '\\{pattern:03o}' > /tmp/want || fail {n} pattern\n\
+                         i=0; while :; do\n\
+                         {pin}dd if={dev} of=/tmp/got bs=512 count=1 skip={at} iflag=direct 2>/dev/null\n\
+                         cmp -s /tmp/got /tmp/want && break\n\
+                         i=$((i + 1)); [ $i -lt 2400 ] || fail {n} \"no signal at {offset}\"\n\
+                         sleep 0.1; done\n",
+                        at = offset / 512
+                    ));
+                }
                 DiskOp::Flush => {
                     s.push_str(&format!(
                         "{pin}dd if=/dev/null of={dev} conv=fsync 2>/tmp/dd.err \
@@ -260,7 +286,10 @@ impl GuestScript {
                 DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len } => {
                     (offset, len, 0)
                 }
-                DiskOp::Verify { .. } | DiskOp::Flush | DiskOp::WriteCache { .. } => continue,
+                DiskOp::Verify { .. }
+                | DiskOp::WaitFor { .. }
+                | DiskOp::Flush
+                | DiskOp::WriteCache { .. } => continue,
             };
             let end = offset
                 .checked_add(l)
@@ -288,7 +317,10 @@ impl GuestScript {
                 DiskOp::Write { offset, len, .. }
                 | DiskOp::Discard { offset, len }
                 | DiskOp::WriteZeroes { offset, len } => Some((offset, len)),
-                DiskOp::Verify { .. } | DiskOp::Flush | DiskOp::WriteCache { .. } => None,
+                DiskOp::Verify { .. }
+                | DiskOp::WaitFor { .. }
+                | DiskOp::Flush
+                | DiskOp::WriteCache { .. } => None,
             })
             .filter(|&(o, l)| l > 0 && o < size)
             .map(|(o, l)| {

@@ -125,4 +125,33 @@ pub struct ServeArgs {
     /// The node name of the served disk in QMP commands.
     #[arg(long, default_value = "disk0", value_name = "NAME")]
     pub node_name: String,
+
+    /// Export the disk over NBD on this unix socket (mode 0600), read-only unless
+    /// --export-writable. QMP's nbd-server-start/block-export-add do the same at run time.
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+
+    /// Export the disk over NBD on this TCP address (HOST:PORT; the host is required,
+    /// there is no default on all interfaces).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub nbd_listen: Option<String>,
+
+    /// NBD export name of the --nbd-socket/--nbd-listen export (default: empty, what
+    /// `nbd+unix:///?socket=PATH` asks for).
+    #[arg(long, default_value = "", value_name = "NAME")]
+    pub export_name: String,
+
+    /// Export this bitmap as the NBD meta context `qemu:dirty-bitmap:NAME` (it is busy
+    /// while exported). Repeatable.
+    #[arg(long = "export-bitmap", value_name = "NAME")]
+    pub export_bitmaps: Vec<String>,
+
+    /// Let NBD clients of the command-line export write.
+    #[arg(long)]
+    pub export_writable: bool,
+
+    /// Directory of the fleecing stores of point-in-time exports (sparse, unlinked
+    /// temporary files). Default: the image's directory.
+    #[arg(long, value_name = "DIR")]
+    pub fleece_dir: Option<PathBuf>,
 }

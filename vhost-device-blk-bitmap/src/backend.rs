@@ -119,6 +119,7 @@ impl BlkBackend {
                     files,
                     count.clone(),
                     device.stats().queue(workers.len()),
+                    device.clone(),
                 ) {
                     Ok(q) => worker = Some(QueueWorker::Uring(Box::new(q))),
                     Err(e) => {

@@ -141,6 +141,9 @@ pub struct PersistentBitmaps {
     bitmaps: Bitmaps,
     /// The on-disk bitmaps may be in-use or stale: a store is owed.
     needs_store: Mutex<bool>,
+    /// Writers attached (the vhost-user frontend, writable NBD exports): the bitmaps are
+    /// in use on disk while there is one and stored when the last one goes.
+    writers: Mutex<usize>,
 }
 
 impl std::fmt::Debug for PersistentBitmaps {
@@ -186,6 +189,7 @@ impl PersistentBitmaps {
             name: name.to_owned(),
             bitmaps,
             needs_store: Mutex::new(writable),
+            writers: Mutex::new(0),
         };
         for b in me.bitmaps.list().iter().filter(|b| b.inconsistent) {
             warn!(
@@ -313,12 +317,22 @@ impl PersistentBitmaps {
     /// in use, and everything is stored when the frontend goes; while idle, the bitmaps
     /// are stored at once, as the offline tool does, so the image stays clean.
     pub fn transaction(&self, actions: &[Action<'_>]) -> Result<(), BitmapError> {
+        self.transaction_with(actions, &mut || {})
+    }
+
+    /// [`PersistentBitmaps::transaction`] with `at_commit` run at the instant the new
+    /// bitmap state takes effect (see [`Bitmaps::transaction_with`]).
+    pub fn transaction_with(
+        &self,
+        actions: &[Action<'_>],
+        at_commit: &mut dyn FnMut(),
+    ) -> Result<(), BitmapError> {
         let mut owed = self.lock();
         let opts = TxnOptions {
             persist_new_in_use: *owed,
         };
         self.bitmaps
-            .transaction(&*self.image, actions, opts)
+            .transaction_with(&*self.image, actions, opts, at_commit)
             .map_err(|e| BitmapError::Action(e.error))?;
         if !*owed {
             // A failed store leaves the bitmaps owed: the next stop retries.
@@ -345,6 +359,29 @@ impl PersistentBitmaps {
             })
     }
 
+    /// A writer attaches (the frontend, a writable export): the first one flags the
+    /// bitmaps IN_USE on disk before it may write.
+    pub fn writer_attached(&self) -> Result<(), BitmapError> {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if *w == 0 {
+            self.mark_in_use()?;
+        }
+        *w += 1;
+        Ok(())
+    }
+
+    /// A writer detached after its last write completed: when it was the last one, the
+    /// bitmaps are stored and the image is clean on disk.
+    pub fn writer_detached(&self) -> Result<(), BitmapError> {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        *w = w.saturating_sub(1);
+        if *w == 0 {
+            self.store_idle()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Stores if owed, then flushes the image.
     pub fn close(&self) -> Result<(), BitmapError> {
         let stored = self.store_idle();
@@ -359,16 +396,20 @@ impl PersistentBitmaps {
 }
 
 impl WriteTracker for PersistentBitmaps {
-    fn mark(&self, offset: u64, len: u64) {
-        self.bitmaps.mark(offset, len);
+    fn mark(&self, offset: u64, len: u64) -> u64 {
+        self.bitmaps.mark(offset, len)
+    }
+
+    fn generation(&self) -> u64 {
+        self.bitmaps.generation()
     }
 
     fn on_frontend_connected(&self) -> Result<(), TrackerError> {
-        Ok(self.mark_in_use()?)
+        Ok(self.writer_attached()?)
     }
 
     fn on_frontend_disconnected(&self) -> Result<(), TrackerError> {
-        Ok(self.store_idle()?)
+        Ok(self.writer_detached()?)
     }
 
     fn on_shutdown(&self) -> Result<(), TrackerError> {

@@ -74,6 +74,12 @@ pub struct Config {
     pub qmp_socket: Option<PathBuf>,
     /// Node name in QMP.
     pub node_name: String,
+    /// The NBD server started at once, if any.
+    pub nbd: Option<crate::exports::NbdAddr>,
+    /// The export made at start (with `nbd`).
+    pub export: crate::exports::ExportSpec,
+    /// Where fleecing stores go.
+    pub fleece_dir: PathBuf,
 }
 
 /// Whether two paths name the same file (or the same path when neither exists yet).
@@ -237,6 +243,57 @@ impl TryFrom<ServeArgs> for Config {
             }
         };
         check_node_name(&a.node_name)?;
+        let nbd = match (&a.nbd_socket, &a.nbd_listen) {
+            (Some(_), Some(_)) => {
+                return Err(bad("--nbd-socket and --nbd-listen cannot be used together"))
+            }
+            (Some(p), None) => {
+                if same_file(p, &image) || same_file(p, &socket_path) {
+                    return Err(bad(format!(
+                        "--nbd-socket '{}' names the image or the vhost-user socket",
+                        p.display()
+                    )));
+                }
+                Some(crate::exports::NbdAddr::Unix(p.clone()))
+            }
+            (None, Some(addr)) => Some(parse_listen(addr)?),
+            (None, None) => None,
+        };
+        if nbd.is_none() && (a.export_writable || !a.export_bitmaps.is_empty()) {
+            return Err(bad(
+                "--export-writable and --export-bitmap need --nbd-socket or --nbd-listen",
+            ));
+        }
+        if a.export_writable && a.readonly {
+            return Err(bad("--export-writable cannot be used with --readonly"));
+        }
+        if a.export_name.len() > 4096 {
+            return Err(bad("--export-name is longer than NBD's 4096 bytes"));
+        }
+        let fleece_dir = match a.fleece_dir {
+            Some(d) => {
+                if !d.is_dir() {
+                    return Err(bad(format!(
+                        "--fleece-dir '{}' is not a directory",
+                        d.display()
+                    )));
+                }
+                d
+            }
+            None => match image.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            },
+        };
+        let export = crate::exports::ExportSpec {
+            id: "cli0".into(),
+            name: a.export_name,
+            description: None,
+            writable: a.export_writable,
+            bitmaps: a.export_bitmaps,
+            allocation_depth: true,
+            snapshot: false,
+        };
         if same_file(&socket_path, &image) {
             return Err(bad(format!(
                 "--socket-path '{}' is the image: the socket would replace it",
@@ -265,8 +322,29 @@ impl TryFrom<ServeArgs> for Config {
             create_size,
             qmp_socket: a.qmp_socket,
             node_name: a.node_name,
+            nbd,
+            export,
+            fleece_dir,
         })
     }
+}
+
+/// `--nbd-listen HOST:PORT` (an IPv6 host in brackets: `[::1]:10809`).
+fn parse_listen(addr: &str) -> Result<crate::exports::NbdAddr, ConfigError> {
+    let err = || {
+        bad(format!(
+            "--nbd-listen '{addr}': expected HOST:PORT, e.g. 127.0.0.1:10809"
+        ))
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(err)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(err());
+    }
+    Ok(crate::exports::NbdAddr::Inet {
+        host: host.to_string(),
+        port: port.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -304,6 +382,62 @@ mod tests {
         assert_eq!(c.create_size, None);
         assert_eq!((c.qmp_socket, c.node_name.as_str()), (None, "disk0"));
         assert_eq!(c.aio, Aio::IoUring);
+    }
+
+    #[test]
+    fn nbd_export_options() {
+        use crate::exports::NbdAddr;
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.nbd, None);
+        assert_eq!(c.fleece_dir, PathBuf::from("/tmp"), "next to the image");
+        let c = cfg(&[
+            "--nbd-socket",
+            "/tmp/n.sock",
+            "--export-bitmap",
+            "b0",
+            "--export-bitmap",
+            "b1",
+            "--export-name",
+            "vm",
+            "--fleece-dir",
+            "/",
+        ])
+        .unwrap();
+        assert_eq!(c.nbd, Some(NbdAddr::Unix("/tmp/n.sock".into())));
+        assert_eq!(c.export.bitmaps, ["b0", "b1"]);
+        assert_eq!((c.export.name.as_str(), c.export.writable), ("vm", false));
+        assert_eq!(c.fleece_dir, PathBuf::from("/"));
+        let c = cfg(&["--nbd-listen", "[::1]:10809", "--export-writable"]).unwrap();
+        assert_eq!(
+            c.nbd,
+            Some(NbdAddr::Inet {
+                host: "::1".into(),
+                port: "10809".into()
+            })
+        );
+        assert!(c.export.writable);
+        for (args, want) in [
+            (&["--nbd-listen", "10809"][..], "expected HOST:PORT"),
+            (&["--nbd-listen", ":10809"][..], "expected HOST:PORT"),
+            (
+                &["--nbd-listen", "localhost:http"][..],
+                "expected HOST:PORT",
+            ),
+            (&["--export-bitmap", "b0"][..], "need --nbd-socket"),
+            (
+                &["--nbd-socket", "/tmp/a", "--nbd-listen", "h:1"][..],
+                "cannot be used together",
+            ),
+            (&["--nbd-socket", "/tmp/s.sock"][..], "names the image or"),
+            (
+                &["--nbd-socket", "/tmp/n", "--export-writable", "--readonly"][..],
+                "--readonly",
+            ),
+            (&["--fleece-dir", "/nonexistent/x"][..], "not a directory"),
+        ] {
+            let e = cfg(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
     }
 
     #[test]

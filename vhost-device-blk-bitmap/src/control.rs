@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::bitmaps::PersistentBitmaps;
 use crate::device::BlkDevice;
 use crate::disk::ImageFormat;
+use crate::exports::{ExportError, ExportSpec, Exports, NbdAddr};
 use crate::stats::{Counter, QueueStats};
 
 /// Result of a command.
@@ -41,6 +42,11 @@ pub const COMMANDS: &[&str] = &[
     "transaction",
     "x-debug-block-dirty-bitmap-sha256",
     "x-bitmap-dump",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
     "quit",
 ];
 
@@ -73,6 +79,8 @@ pub struct Control {
     pub device: Arc<BlkDevice>,
     /// The persistent bitmaps (qcow2 images).
     pub bitmaps: Option<Arc<PersistentBitmaps>>,
+    /// The NBD server and exports.
+    pub exports: Arc<Exports>,
 }
 
 /// A parsed bitmap action (owned, before it becomes a [`qcow2_bitmaps::Action`]).
@@ -142,18 +150,32 @@ impl Control {
                 a.opt_object("properties")?;
                 a.reject_unexpected(&["actions", "properties"])?;
                 let mut parsed = Vec::with_capacity(actions.len());
+                let mut export = None;
                 for item in actions.iter() {
                     let act = item.as_object()?;
                     // QEMU names the union's discriminator plainly, without its path.
                     let ty = act.req_str("type")?;
+                    let data = act.req_object("data")?;
+                    if ty == "block-export-add" && export.is_none() {
+                        // Our extension: an export (a point-in-time view) that starts at
+                        // the same instant as the bitmap actions.
+                        act.reject_unexpected(&["type", "data"])?;
+                        export = Some(self.parse_export(&data)?);
+                        continue;
+                    }
                     if !TRANSACTION_ACTIONS.contains(&ty) {
                         return Err(QmpError::invalid_enum_value("type", ty));
                     }
-                    let data = act.req_object("data")?;
                     act.reject_unexpected(&["type", "data"])?;
                     parsed.push(self.parse_action(ty, &data)?);
                 }
-                self.run(parsed)?;
+                match export {
+                    Some(spec) => {
+                        let actions = self.actions(&parsed);
+                        self.exports.add(&spec, &actions).map_err(export_error)?
+                    }
+                    None => self.run(parsed)?,
+                }
                 Ok(json!({}))
             }
             "x-debug-block-dirty-bitmap-sha256" => {
@@ -176,6 +198,50 @@ impl Control {
                         .map(|e| json!({"start": e.start, "length": e.length, "dirty": e.dirty}))
                         .collect(),
                 ))
+            }
+            "nbd-server-start" => {
+                let addr = a.req_object("addr")?;
+                let max = a.opt_u32("max-connections")?;
+                if a.get("tls-creds").is_some() || a.get("tls-authz").is_some() {
+                    return Err(QmpError::generic("TLS is not supported by this NBD server"));
+                }
+                a.reject_unexpected(&["addr", "max-connections"])?;
+                let addr = parse_addr(&addr)?;
+                // QEMU: 0 = unlimited.
+                let max = match max {
+                    None | Some(0) => 100,
+                    Some(n) => n as usize,
+                };
+                self.exports
+                    .start_server(&addr, max)
+                    .map_err(export_error)?;
+                Ok(json!({}))
+            }
+            "nbd-server-stop" => {
+                a.reject_unexpected(&[])?;
+                self.exports.stop_server().map_err(export_error)?;
+                Ok(json!({}))
+            }
+            "block-export-add" => {
+                let spec = self.parse_export(&a)?;
+                self.exports.add(&spec, &[]).map_err(export_error)?;
+                Ok(json!({}))
+            }
+            "block-export-del" => {
+                let id = a.req_str("id")?;
+                let mode = a.opt_enum("mode", &["safe", "hard"])?;
+                a.reject_unexpected(&["id", "mode"])?;
+                let mode = if mode == Some("hard") {
+                    nbd::RemoveMode::Hard
+                } else {
+                    nbd::RemoveMode::Safe
+                };
+                self.exports.remove(id, mode).map_err(export_error)?;
+                Ok(json!({}))
+            }
+            "query-block-exports" => {
+                a.reject_unexpected(&[])?;
+                Ok(self.exports.query())
             }
             "quit" => {
                 a.reject_unexpected(&[])?;
@@ -283,13 +349,94 @@ impl Control {
         Ok(parsed)
     }
 
+    /// `block-export-add`'s arguments (type nbd), in QAPI member order.
+    fn parse_export(&self, a: &Args<'_>) -> Result<ExportSpec, QmpError> {
+        a.req_enum("type", &["nbd"])?;
+        let id = a.req_str("id")?.to_string();
+        let node = a.req_str("node-name")?;
+        let writable = a.opt_bool("writable")?.unwrap_or(false);
+        a.opt_bool("writethrough")?;
+        a.opt_str("iothread")?;
+        a.opt_bool("fixed-iothread")?;
+        a.opt_bool("allow-inactive")?;
+        let name = a.opt_str("name")?.unwrap_or(node).to_string();
+        let description = a.opt_str("description")?.map(str::to_string);
+        let mut bitmaps = Vec::new();
+        if let Some(list) = a.opt_array("bitmaps")? {
+            for item in list.iter() {
+                match item.value() {
+                    Value::String(s) => bitmaps.push(s.clone()),
+                    Value::Object(_) => {
+                        let o = item.as_object()?;
+                        let n = o.req_str("node")?;
+                        let b = o.req_str("name")?;
+                        o.reject_unexpected(&["node", "name"])?;
+                        if n != self.node {
+                            return Err(QmpError::generic(format!(
+                                "Cannot find device='{n}' nor node-name='{n}'"
+                            )));
+                        }
+                        bitmaps.push(b.to_string());
+                    }
+                    _ => {
+                        return Err(QmpError::invalid_parameter_type(
+                            item.path(),
+                            "BlockDirtyBitmapOrStr",
+                        ))
+                    }
+                }
+            }
+        }
+        let allocation_depth = a.opt_bool("allocation-depth")?.unwrap_or(false);
+        let snapshot = a.opt_bool("x-snapshot")?.unwrap_or(false);
+        a.reject_unexpected(&[
+            "type",
+            "id",
+            "node-name",
+            "writable",
+            "writethrough",
+            "iothread",
+            "fixed-iothread",
+            "allow-inactive",
+            "name",
+            "description",
+            "bitmaps",
+            "allocation-depth",
+            "x-snapshot",
+        ])?;
+        if node != self.node {
+            return Err(QmpError::generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            )));
+        }
+        if name.len() > 4096 {
+            return Err(QmpError::generic(format!("export name '{name}' too long")));
+        }
+        Ok(ExportSpec {
+            id,
+            name,
+            description,
+            writable,
+            bitmaps,
+            allocation_depth,
+            snapshot,
+        })
+    }
+
     /// Applies parsed actions as one transaction.
     fn run(&self, parsed: Vec<Parsed>) -> Result<(), QmpError> {
         if parsed.is_empty() {
             return Ok(());
         }
         let set = self.set_for(&self.node)?;
-        let actions: Vec<Action<'_>> = parsed
+        let actions = self.actions(&parsed);
+        set.transaction(&actions)
+            .map_err(|e| QmpError::generic(e.to_string()))
+    }
+
+    /// The bitmap actions of parsed commands.
+    fn actions<'p>(&self, parsed: &'p [Parsed]) -> Vec<Action<'p>> {
+        parsed
             .iter()
             .map(|p| match p {
                 Parsed::Add { name, opts } => Action::Add { name, opts: *opts },
@@ -302,9 +449,7 @@ impl Control {
                     sources: sources.iter().map(|s| MergeSource::Local(s)).collect(),
                 },
             })
-            .collect();
-        set.transaction(&actions)
-            .map_err(|e| QmpError::generic(e.to_string()))
+            .collect()
     }
 
     fn node_info(&self) -> Value {
@@ -345,7 +490,7 @@ impl Control {
                         "name": i.name,
                         "recording": i.enabled,
                         "persistent": i.persistent,
-                        "busy": false,
+                        "busy": i.busy,
                         "granularity": i.granularity,
                         "count": i.dirty_bytes,
                     });
@@ -459,6 +604,37 @@ impl Totals {
         }
         t
     }
+}
+
+/// `nbd-server-start`'s `addr` (QEMU's SocketAddressLegacy: unix or inet).
+fn parse_addr(addr: &Args<'_>) -> Result<NbdAddr, QmpError> {
+    let ty = addr.req_enum("type", &["unix", "inet", "vsock", "fd"])?;
+    let data = addr.req_object("data")?;
+    addr.reject_unexpected(&["type", "data"])?;
+    match ty {
+        "unix" => {
+            let path = data.req_str("path")?;
+            data.reject_unexpected(&["path"])?;
+            Ok(NbdAddr::Unix(PathBuf::from(path)))
+        }
+        "inet" => {
+            let host = data.req_str("host")?.to_string();
+            let port = data.req_str("port")?.to_string();
+            data.opt_bool("numeric")?;
+            data.opt_bool("ipv4")?;
+            data.opt_bool("ipv6")?;
+            data.reject_unexpected(&["host", "port", "numeric", "ipv4", "ipv6"])?;
+            Ok(NbdAddr::Inet { host, port })
+        }
+        other => Err(QmpError::generic(format!(
+            "NBD server addresses of type '{other}' are not supported"
+        ))),
+    }
+}
+
+/// QMP carries the error text alone (QEMU prints hints only on its command line).
+fn export_error(e: ExportError) -> QmpError {
+    QmpError::generic(e.to_string())
 }
 
 fn bitmap_error(e: qcow2_bitmaps::Error) -> QmpError {

@@ -51,11 +51,25 @@ impl Completion {
     }
 }
 
+/// What [`BlkDevice::begin_write`] hands to [`BlkDevice::end_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteToken {
+    offset: u64,
+    len: u64,
+    generation: u64,
+}
+
 /// A block device: an image, its write tracker and the guest-visible parameters.
 #[derive(Debug)]
 pub struct BlkDevice {
     image: Arc<dyn BlockImage>,
     tracker: Arc<dyn WriteTracker>,
+    views: crate::snapshot::Views,
+    /// The format was probed as raw: writes of another format's magic to sector 0 are
+    /// refused (see [`crate::disk::format_magic`]).
+    guard_sector0: AtomicBool,
+    /// Such a write was refused and logged already.
+    sector0_warned: AtomicBool,
     logical_block_size: u32,
     serial: [u8; ID_BYTES],
     wce: AtomicU8,
@@ -79,6 +93,9 @@ impl BlkDevice {
         BlkDevice {
             image,
             tracker,
+            views: Default::default(),
+            guard_sector0: AtomicBool::new(false),
+            sector0_warned: AtomicBool::new(false),
             logical_block_size,
             serial: id,
             wce: AtomicU8::new(u8::from(writeback)),
@@ -100,6 +117,61 @@ impl BlkDevice {
     /// The write tracker.
     pub fn tracker(&self) -> &Arc<dyn WriteTracker> {
         &self.tracker
+    }
+
+    /// Refuses guest writes that would put an image-format magic into sector 0 (for a
+    /// raw image whose format was probed, as QEMU does).
+    pub fn guard_probed_raw(&self) {
+        self.guard_sector0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a write of `head` (its first bytes) at `offset` must be refused because it
+    /// would make a probed raw image look like another format; logs the first refusal.
+    pub fn refuses_format_change(&self, offset: u64, head: &[u8]) -> bool {
+        if offset != 0 || !self.guard_sector0.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(format) = crate::disk::format_magic(head) else {
+            return false;
+        };
+        if !self.sector0_warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                "refused a guest write of a {format} header to sector 0 of a raw image whose \
+                 format was probed (it would be opened as {format} next time); pass --format \
+                 raw to allow it"
+            );
+        }
+        true
+    }
+
+    /// The point-in-time views every write preserves.
+    pub fn views(&self) -> &crate::snapshot::Views {
+        &self.views
+    }
+
+    /// Call before a write, write-zeroes or discard of `[offset, offset + len)` can reach
+    /// the disk (from any path: a guest queue, an NBD client): records it in the bitmaps,
+    /// then preserves the old contents for every point-in-time view (this may wait for
+    /// copies of the same range). The order matters: a view started together with a
+    /// bitmap transaction is seen by every write recorded after that transaction.
+    #[inline]
+    pub fn begin_write(&self, offset: u64, len: u64) -> WriteToken {
+        let generation = self.tracker.mark(offset, len);
+        self.views.before_write(offset, len);
+        WriteToken {
+            offset,
+            len,
+            generation,
+        }
+    }
+
+    /// Call when that write completed (whatever its result): a bitmap transaction that
+    /// happened meanwhile may have started bitmaps the write must be in too.
+    #[inline]
+    pub fn end_write(&self, token: WriteToken) {
+        if self.tracker.generation() != token.generation {
+            self.tracker.mark(token.offset, token.len);
+        }
     }
 
     /// Logical block size in bytes.
@@ -280,10 +352,15 @@ impl BlkDevice {
         };
         let mut done = 0usize;
         let mut ok = true;
+        let token = self.begin_write(offset, len as u64);
         while done < len {
             let n = (len - done).min(buf.len());
             let chunk = &mut buf.as_mut_slice()[..n];
             if input.read_exact(chunk).is_err() {
+                ok = false;
+                break;
+            }
+            if done == 0 && self.refuses_format_change(offset, chunk) {
                 ok = false;
                 break;
             }
@@ -294,7 +371,7 @@ impl BlkDevice {
             }
             done += n;
         }
-        self.tracker.mark(offset, len as u64);
+        self.end_write(token);
         Completion::status(self.finish_write(ok))
     }
 
@@ -354,12 +431,13 @@ impl BlkDevice {
             Err(status) => return (Completion::status(status), None),
         };
         let is_discard = request_type == T_DISCARD;
+        let token = self.begin_write(offset, len);
         let result = if is_discard {
             self.image.discard(offset, len)
         } else {
             self.image.write_zeroes(offset, len, unmap)
         };
-        self.tracker.mark(offset, len);
+        self.end_write(token);
         if let Err(e) = &result {
             warn!(
                 "{} at {offset:#x}+{len} failed: {e}",

@@ -120,6 +120,36 @@ pub fn probe_format(path: &Path) -> io::Result<ImageFormat> {
     })
 }
 
+/// The image format whose magic a first sector carries, if any (the formats QEMU probes
+/// before raw): a guest of a probed raw image that wrote one could turn its disk into
+/// that format at the next open (a qcow2 header may name any host file as backing file).
+pub fn format_magic(sector: &[u8]) -> Option<&'static str> {
+    const AT_START: &[(&[u8], &str)] = &[
+        (b"QFI\xfb", "qcow/qcow2"),
+        (b"QED\0", "qed"),
+        (b"KDMV", "vmdk"),
+        (b"COWD", "vmdk"),
+        (b"# Disk DescriptorFile", "vmdk"),
+        (b"vhdxfile", "vhdx"),
+        (b"conectix", "vpc"),
+        (b"WithoutFreeSpace", "parallels"),
+        (b"WithouFreSpacExt", "parallels"),
+        (b"Bochs Virtual HD Image", "bochs"),
+        (b"LUKS\xba\xbe", "luks"),
+        (b"#!/bin/sh\n#V2.0 Format\n", "cloop"),
+    ];
+    for (magic, name) in AT_START {
+        if sector.starts_with(magic) {
+            return Some(name);
+        }
+    }
+    // VDI: its signature at byte 64.
+    if sector.get(64..68) == Some(&0xbeda_107f_u32.to_le_bytes()[..]) {
+        return Some("vdi");
+    }
+    None
+}
+
 /// Creates a missing image of `size` bytes.
 fn create_image(path: &Path, format: ImageFormat, size: u64) -> Result<(), DiskError> {
     match format {

@@ -10,7 +10,8 @@ use vhost_device_blk_bitmap::bitmaps::{PersistentBitmaps, Trackers};
 use vhost_device_blk_bitmap::config::Config;
 use vhost_device_blk_bitmap::control::{Control, ControlHandler};
 use vhost_device_blk_bitmap::device::BlkDevice;
-use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, OpenedDisk};
+use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, ImageFormat, OpenedDisk};
+use vhost_device_blk_bitmap::exports::Exports;
 use vhost_device_blk_bitmap::server::{
     handle_termination_signals, Server, ServerConfig, StopHandle,
 };
@@ -69,8 +70,29 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         &config.serial,
         config.writeback,
     ));
+    let exports = Arc::new(Exports::new(
+        &config.node_name,
+        device.clone(),
+        bitmaps.clone(),
+        config.fleece_dir.clone(),
+        disk.qcow2.as_ref().map_or(64 * 1024, |q| q.cluster_size()),
+    ));
+    if let Some(addr) = &config.nbd {
+        exports.start_server(addr, 100)?;
+        exports.add(&config.export, &[])?;
+    }
+    if config.format.is_none() && disk.format == ImageFormat::Raw && !config.read_only {
+        device.guard_probed_raw();
+        log::warn!(
+            "the format of '{}' was probed as raw: pass --format raw (guest writes of an \
+             image header to sector 0 are refused meanwhile)",
+            config.image.display()
+        );
+    }
     let qmp = match &config.qmp_socket {
-        Some(path) => Some(start_qmp(path, &config, &disk, &device, bitmaps, &stop)?),
+        Some(path) => Some(start_qmp(
+            path, &config, &disk, &device, bitmaps, &exports, &stop,
+        )?),
         None => None,
     };
     let server = Server::new(
@@ -98,6 +120,9 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         );
         q.stop();
     }
+    // NBD clients go before the bitmaps are stored (a writable export is a writer).
+    exports.shutdown();
+    drop(exports);
     let closed = tracker.on_shutdown();
     drop(server);
     drop(tracker);
@@ -129,6 +154,7 @@ fn start_qmp(
     disk: &OpenedDisk,
     device: &Arc<BlkDevice>,
     bitmaps: Option<Arc<PersistentBitmaps>>,
+    exports: &Arc<Exports>,
     stop: &StopHandle,
 ) -> Result<(Arc<qmp::ServerHandle>, Arc<std::sync::atomic::AtomicBool>), Box<dyn std::error::Error>>
 {
@@ -141,9 +167,12 @@ fn start_qmp(
         num_queues: usize::from(config.num_queues),
         device: device.clone(),
         bitmaps,
+        exports: exports.clone(),
     };
     let handle = Arc::new(qmp::Server::new(ControlHandler(Arc::new(control))).bind(path)?);
     log::info!("QMP control socket on {}", path.display());
+    let events = handle.emitter();
+    exports.set_event_sink(Arc::new(move |event, data| events.emit(event, data)));
     // Failed guest requests become BLOCK_IO_ERROR events (rate-limited).
     let (emitter, node) = (handle.emitter(), config.node_name.clone());
     device.stats().on_error(Box::new(move |kind| {

@@ -13,10 +13,16 @@ pub struct TrackerError(pub String);
 /// `mark` is called on the request path from several worker threads at once and must not
 /// block; the lifecycle calls happen on the daemon's main thread while no request runs.
 pub trait WriteTracker: Send + Sync + fmt::Debug {
-    /// Records that `[offset, offset + len)` of the virtual disk (bytes) may have changed.
-    /// Called after the write was attempted and before the guest sees its completion,
-    /// whatever the I/O result.
-    fn mark(&self, offset: u64, len: u64);
+    /// Records that `[offset, offset + len)` of the virtual disk (bytes) may change.
+    /// Called before the write can reach the disk, whatever its result will be; returns
+    /// the tracker's [generation](WriteTracker::generation) it was recorded in.
+    fn mark(&self, offset: u64, len: u64) -> u64;
+    /// Changes whenever the set of recording bitmaps changes; a write marked in an older
+    /// generation is marked again when it completes (so a bitmap created while it was in
+    /// flight has it too).
+    fn generation(&self) -> u64 {
+        0
+    }
     /// A frontend connected (e.g. set the bitmaps in-use). An error refuses the connection.
     fn on_frontend_connected(&self) -> Result<(), TrackerError>;
     /// The frontend disconnected and every request it sent has completed (e.g. store bitmaps).
@@ -30,7 +36,9 @@ pub trait WriteTracker: Send + Sync + fmt::Debug {
 pub struct NoopTracker;
 
 impl WriteTracker for NoopTracker {
-    fn mark(&self, _offset: u64, _len: u64) {}
+    fn mark(&self, _offset: u64, _len: u64) -> u64 {
+        0
+    }
     fn on_frontend_connected(&self) -> Result<(), TrackerError> {
         Ok(())
     }

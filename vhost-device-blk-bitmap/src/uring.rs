@@ -37,7 +37,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{BlkDevice, RequestHeader};
+use crate::device::{BlkDevice, RequestHeader, WriteToken};
 use crate::stats::{IoKind, QueueStats};
 use crate::transport::{ChainError, GuestMem, MAX_DESCRIPTORS};
 use crate::virtio_blk::*;
@@ -180,6 +180,8 @@ struct Request {
     flush_after: bool,
     /// What to account at completion: kind, guest offset, bytes.
     account: Option<(IoKind, u64, u64)>,
+    /// A write's bookkeeping to finish at completion.
+    token: Option<WriteToken>,
     started: std::time::Instant,
 }
 
@@ -194,6 +196,7 @@ pub struct UringQueue {
     deferred: VecDeque<usize>,
     inflight: Arc<InflightCount>,
     stats: Arc<QueueStats>,
+    device: Arc<BlkDevice>,
     /// Completions to publish to the used ring (head, len) at the end of this wake-up.
     done: Vec<(u16, u32)>,
     /// Whether the file system accepts `RWF_NOWAIT` for buffered reads / writes (`None`:
@@ -221,6 +224,7 @@ impl UringQueue {
         files: DataFiles,
         inflight: Arc<InflightCount>,
         stats: Arc<QueueStats>,
+        device: Arc<BlkDevice>,
     ) -> io::Result<Self> {
         let entries = (queue_size as u32).clamp(64, 4096).next_power_of_two();
         let ring = IoUring::builder()
@@ -242,6 +246,7 @@ impl UringQueue {
             deferred: VecDeque::new(),
             inflight,
             stats,
+            device,
             done: Vec::new(),
             nowait: [None; 2],
         })
@@ -290,6 +295,7 @@ impl UringQueue {
             written: 0,
             flush_after: false,
             account: None,
+            token: None,
             started: std::time::Instant::now(),
         });
         self.begin(slot, device, io);
@@ -316,9 +322,20 @@ impl UringQueue {
                     req.status = S_IOERR;
                     return self.complete(slot);
                 };
+                if offset == 0 {
+                    let mut head = [0u8; 512];
+                    let n = len.min(head.len());
+                    if read_guest(&req.mem, &req.chain.out, 0, &mut head[..n]).is_err()
+                        || device.refuses_format_change(0, &head[..n])
+                    {
+                        req.status = S_IOERR;
+                        return self.complete(slot);
+                    }
+                }
                 req.account = Some((IoKind::Write, offset, len as u64));
-                // Marked before the data can reach the disk, whatever the outcome.
-                device.tracker().mark(offset, len as u64);
+                // Marked (and preserved for point-in-time views) before the data can
+                // reach the disk, whatever the outcome.
+                req.token = Some(device.begin_write(offset, len as u64));
                 req.flush_after = device.writethrough();
                 req.op = Op::Write { offset, plan: None };
                 self.try_write(slot, io);
@@ -371,7 +388,7 @@ impl UringQueue {
                             IoKind::WriteZeroes
                         };
                         req.account = Some((kind, offset, len));
-                        device.tracker().mark(offset, len);
+                        req.token = Some(device.begin_write(offset, len));
                         req.flush_after = device.writethrough();
                         req.op = Op::Zero {
                             discard,
@@ -824,6 +841,9 @@ impl UringQueue {
     /// byte and queue the used-ring entry.
     fn complete(&mut self, slot: usize) {
         let req = self.slots[slot].take().expect("live request");
+        if let Some(token) = req.token {
+            self.device.end_write(token);
+        }
         if let Some((kind, offset, bytes)) = req.account {
             self.stats
                 .record(kind, offset, bytes, req.started, req.status == S_OK);

@@ -333,3 +333,48 @@ fn socket_is_private_and_never_replaces_a_file() {
     assert!(err.contains("is the image"), "{err}");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), common::DISK_SIZE);
 }
+
+/// A guest of a probed raw image cannot turn it into a qcow2 naming a host file as its
+/// backing file: the header write to sector 0 fails (both I/O engines), the file keeps its
+/// bytes and the log says why; with `--format raw` the same write is the guest's business.
+#[test]
+fn probed_raw_image_refuses_a_qcow2_header_in_sector_0() {
+    for (aio, format) in [
+        ("io_uring", None),
+        ("threads", None),
+        ("io_uring", Some("raw")),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let image = raw_image(dir.path());
+        let socket = dir.path().join("s.sock");
+        let mut args = vec!["--aio", aio];
+        if let Some(f) = format {
+            args.extend(["--format", f]);
+        }
+        let mut child = spawn(&socket, &image, &args);
+        wait_for_socket(&mut child, &socket);
+        let mut d = Driver::connect(&socket, 1);
+        let mut header = vec![0u8; 4096];
+        header[..4].copy_from_slice(b"QFI\xfb");
+        header[8..24].copy_from_slice(b"\0\0\0\0\0\0\0\x68\0\0\0\x0b/etc");
+        d.write_data(0, &header);
+        let (status, _) = d.request(0, 1, 0, Some((4096, false)));
+        drop(d);
+        signal(&child, libc::SIGTERM);
+        let st = wait_exit(&mut child, 10);
+        let log = stderr_of(&mut child);
+        assert_eq!(st.code(), Some(0), "{log}");
+        let first = std::fs::read(&image).unwrap()[..4].to_vec();
+        if format.is_none() {
+            assert_eq!(status, 1, "IOERR ({aio})");
+            assert_eq!(first, (0..4).map(pattern).collect::<Vec<u8>>());
+            assert!(
+                log.contains("refused a guest write of a qcow/qcow2 header"),
+                "{log}"
+            );
+        } else {
+            assert_eq!(status, 0);
+            assert_eq!(first, b"QFI\xfb");
+        }
+    }
+}

@@ -481,12 +481,13 @@ struct SlowConnect {
 }
 
 impl WriteTracker for SlowConnect {
-    fn mark(&self, _offset: u64, _len: u64) {
+    fn mark(&self, _offset: u64, _len: u64) -> u64 {
         use std::sync::atomic::Ordering::SeqCst;
         self.marks.fetch_add(1, SeqCst);
         if !self.ready.load(SeqCst) {
             self.early_marks.fetch_add(1, SeqCst);
         }
+        0
     }
     fn on_frontend_connected(&self) -> Result<(), vhost_device_blk_bitmap::tracker::TrackerError> {
         std::thread::sleep(Duration::from_millis(300));

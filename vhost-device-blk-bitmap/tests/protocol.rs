@@ -370,8 +370,9 @@ fn memory_added_with_add_mem_reg_is_usable() {
 struct EventLog(Mutex<Vec<String>>);
 
 impl WriteTracker for EventLog {
-    fn mark(&self, offset: u64, len: u64) {
+    fn mark(&self, offset: u64, len: u64) -> u64 {
         self.0.lock().unwrap().push(format!("mark {offset} {len}"));
+        0
     }
     fn on_frontend_connected(&self) -> Result<(), TrackerError> {
         self.0.lock().unwrap().push("connected".into());

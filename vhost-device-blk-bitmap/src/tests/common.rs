@@ -41,8 +41,9 @@ impl RecordingTracker {
 }
 
 impl WriteTracker for RecordingTracker {
-    fn mark(&self, offset: u64, len: u64) {
+    fn mark(&self, offset: u64, len: u64) -> u64 {
         self.marks.lock().unwrap().push((offset, len));
+        0
     }
     fn on_frontend_connected(&self) -> Result<(), TrackerError> {
         Ok(())

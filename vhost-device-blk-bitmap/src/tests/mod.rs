@@ -3,3 +3,4 @@
 mod backend;
 mod common;
 mod requests;
+mod snapshot;

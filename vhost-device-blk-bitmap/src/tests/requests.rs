@@ -343,3 +343,44 @@ fn status_shares_the_last_data_descriptor() {
         S_OK
     );
 }
+
+#[test]
+fn probed_raw_refuses_an_image_header_in_sector_0() {
+    let mut f = Fixture::new(false, 512);
+    f.device.guard_probed_raw();
+    let before = f.disk();
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    f.mem.write_slice(&header, GuestAddress(DATA)).unwrap();
+    f.header(T_OUT, 0);
+    f.run(&[hdr(), rd(DATA, 512), status()]);
+    assert_eq!(f.status(), S_IOERR);
+    assert_eq!(f.disk(), before, "nothing was written");
+    // The same bytes elsewhere, and ordinary data in sector 0, are written.
+    f.header(T_OUT, 1);
+    f.run(&[hdr(), rd(DATA, 512), status()]);
+    assert_eq!(f.status(), S_OK);
+    f.mem.write_slice(&[0x55; 512], GuestAddress(DATA)).unwrap();
+    f.header(T_OUT, 0);
+    f.run(&[hdr(), rd(DATA, 512), status()]);
+    assert_eq!(f.status(), S_OK);
+    assert_eq!(&f.disk()[..512], &[0x55; 512]);
+    // A VDI signature sits at byte 64.
+    let mut vdi = vec![0u8; 512];
+    vdi[64..68].copy_from_slice(&0xbeda_107f_u32.to_le_bytes());
+    f.mem.write_slice(&vdi, GuestAddress(DATA)).unwrap();
+    f.run(&[hdr(), rd(DATA, 512), status()]);
+    assert_eq!(f.status(), S_IOERR);
+}
+
+#[test]
+fn an_explicit_format_allows_any_sector_0() {
+    let mut f = Fixture::new(false, 512);
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    f.mem.write_slice(&header, GuestAddress(DATA)).unwrap();
+    f.header(T_OUT, 0);
+    f.run(&[hdr(), rd(DATA, 512), status()]);
+    assert_eq!(f.status(), S_OK);
+    assert_eq!(&f.disk()[..4], b"QFI\xfb");
+}
