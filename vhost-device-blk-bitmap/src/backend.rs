@@ -88,6 +88,11 @@ pub struct BlkBackend {
     workers: Vec<Mutex<QueueWorker>>,
     inflight: Vec<Arc<InflightCount>>,
     exit_events: Vec<ExitEvent>,
+    /// Per queue: written when a wake-up stopped with requests left in the ring, so the
+    /// worker comes back to them after the event loop had its turn (fairness).
+    rewake: Vec<vmm_sys_util::eventfd::EventFd>,
+    /// The connection is gone: start no more requests (those in flight complete).
+    quiesced: AtomicBool,
 }
 
 impl BlkBackend {
@@ -104,6 +109,7 @@ impl BlkBackend {
         let mut workers = Vec::with_capacity(num_queues);
         let mut inflight = Vec::with_capacity(num_queues);
         let mut exit_events = Vec::with_capacity(num_queues);
+        let mut rewake = Vec::with_capacity(num_queues);
         let mut use_uring = aio == Aio::IoUring;
         let files = device.image().direct().and_then(|d| d.data_files());
         if use_uring && files.is_none() {
@@ -134,6 +140,7 @@ impl BlkBackend {
                 stats: device.stats().queue(q),
             })));
             inflight.push(count);
+            rewake.push(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
             let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
             exit_events.push(ExitEvent {
                 consumer,
@@ -152,6 +159,8 @@ impl BlkBackend {
             workers,
             inflight,
             exit_events,
+            rewake,
+            quiesced: AtomicBool::new(false),
         })
     }
 
@@ -161,19 +170,29 @@ impl BlkBackend {
         self.num_queues as u16 + 1
     }
 
+    /// The `handle_event` id of the rewake events (see [`BlkBackend::process_queue`]).
+    fn rewake_event(&self) -> u16 {
+        self.num_queues as u16 + 2
+    }
+
     fn lock_worker(&self, q: usize) -> std::sync::MutexGuard<'_, QueueWorker> {
         self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers each io_uring queue's completion eventfd with its worker thread's epoll
-    /// loop (one handler per queue, in queue order).
-    pub fn register_completion_events<
+    /// Registers each queue's rewake eventfd and, for io_uring queues, its completion
+    /// eventfd with its worker thread's epoll loop (one handler per queue, in queue order).
+    pub fn register_worker_events<
         H: std::ops::Deref<Target = vhost_user_backend::VringEpollHandler<Arc<Self>>>,
     >(
         &self,
         handlers: &[H],
     ) -> io::Result<()> {
         for (q, h) in handlers.iter().enumerate().take(self.num_queues) {
+            h.register_listener(
+                self.rewake[q].as_raw_fd(),
+                EventSet::IN,
+                u64::from(self.rewake_event()),
+            )?;
             if let QueueWorker::Uring(u) = &*self.lock_worker(q) {
                 h.register_listener(
                     u.event_fd(),
@@ -183,6 +202,12 @@ impl BlkBackend {
             }
         }
         Ok(())
+    }
+
+    /// Starts no more requests: the frontend went away (what it left in the rings stays
+    /// there, unstarted).
+    pub fn quiesce(&self) {
+        self.quiesced.store(true, Ordering::SeqCst);
     }
 
     /// Waits until every request taken from any ring has completed.
@@ -235,19 +260,27 @@ impl BlkBackend {
         // it to stop the ring) wait until the synchronous requests we started have
         // completed; io_uring requests are waited for in `stop_vring`.
         let mut state = vring.get_mut();
-        // Rings are processed only while started (ready) and enabled.
-        if !state.get_queue().ready() || !state.is_enabled() {
+        // Rings are processed only while started (ready) and enabled, and while the
+        // frontend is there.
+        if !state.get_queue().ready() || !state.is_enabled() || self.quiesced.load(Ordering::SeqCst)
+        {
             return Ok(());
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mem = self.mem.memory().into_inner();
         let io = self.device.image().direct();
         let mut published = false;
+        // At most one ring's worth of requests per wake-up: a guest that refills the ring
+        // as fast as it is drained must not keep the vring lock (GET_VRING_BASE, other
+        // frontend messages) and the event loop (exit) waiting for ever.
+        let mut budget = usize::from(state.get_queue().size()).max(1);
+        let mut more = false;
         loop {
             if event_idx {
                 state.disable_notification().map_err(io::Error::other)?;
             }
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.deref()) {
+                budget -= 1;
                 match (&mut *worker, io) {
                     // A queue runs io_uring only on an image with a direct data path.
                     (QueueWorker::Uring(u), Some(io)) => u.start(&self.device, io, &mem, chain),
@@ -263,14 +296,22 @@ impl BlkBackend {
                         published = true;
                     }
                 }
+                if budget == 0 {
+                    more = true;
+                    break;
+                }
             }
             if let QueueWorker::Uring(u) = &mut *worker {
                 u.submit();
                 published |= publish(queue_index, &mut state, u);
             }
-            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+            if more || !event_idx || !state.enable_notification().map_err(io::Error::other)? {
                 break;
             }
+        }
+        if more {
+            // Come back to the rest after the event loop's other events.
+            self.rewake[queue_index].write(1)?;
         }
         if published && state.needs_notification().map_err(io::Error::other)? {
             state.signal_used_queue()?;
@@ -430,7 +471,8 @@ impl VhostUserBackend for BlkBackend {
         }
         // One queue per thread: the thread index is the queue index, and the thread's
         // only vring is at index 0 (completion events carry their own id).
-        let idx = if device_event == self.completion_event() {
+        let idx = if device_event == self.completion_event() || device_event == self.rewake_event()
+        {
             0
         } else {
             device_event as usize
@@ -445,6 +487,10 @@ impl VhostUserBackend for BlkBackend {
         }
         let result = if device_event == self.completion_event() {
             self.complete_queue(thread_id, vring)
+        } else if device_event == self.rewake_event() {
+            // Consume the wake-up (level-triggered), then go on with the ring.
+            let _ = self.rewake[thread_id].read();
+            self.process_queue(thread_id, vring)
         } else {
             self.process_queue(thread_id, vring)
         };

@@ -279,7 +279,7 @@ impl Server {
             VhostUserDaemon::new("vhost-device-blk-bitmap".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
         backend
-            .register_completion_events(&daemon.get_epoll_handlers())
+            .register_worker_events(&daemon.get_epoll_handlers())
             .map_err(|err| ServerError::Io {
                 what: "registering the io_uring completion events",
                 err,
@@ -309,8 +309,10 @@ impl Server {
         self.stop.set_conn(daemon.shutdown_handle());
         let result = daemon.wait();
         self.stop.set_conn(None);
-        // Every request taken from a ring completes (the workers still run) before the
-        // queue threads stop and before the tracker stores the bitmaps.
+        // No new request starts; every request taken from a ring completes (the workers
+        // still run) before the queue threads stop and before the tracker stores the
+        // bitmaps.
+        backend.quiesce();
         backend.drain();
         backend.signal_exit();
         drop(daemon);

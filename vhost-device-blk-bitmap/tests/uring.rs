@@ -567,3 +567,120 @@ fn fragmented_image_overflows_the_ring_io_uring() {
     r.unwrap();
     qemu_img_check(&image);
 }
+
+/// Every write takes a millisecond: a flood keeps the ring busy for a long time.
+#[derive(Debug)]
+struct SlowWrites(Arc<dyn BlockImage>);
+
+impl BlockImage for SlowWrites {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow2::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> qcow2::Result<()> {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        self.0.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> qcow2::Result<()> {
+        self.0.write_zeroes(offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> qcow2::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn flush(&self) -> qcow2::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Refills the avail ring with the same 512-byte write (descriptors reused only after the
+/// synchronous worker finished them) until `stop` (at most 5 s, so that a worker that
+/// never lets go makes the caller's timing assertion fail instead of hanging), so the
+/// worker never finds it empty.
+fn flood(mut qd: QueueDriver, stop: Arc<std::sync::atomic::AtomicBool>) -> QueueDriver {
+    use std::sync::atomic::Ordering::Relaxed;
+    qd.mem()
+        .write_slice(&[0x77; 512], GuestAddress(buf_addr(0, 0)))
+        .unwrap();
+    let c = chain(&qd, 0, T_OUT, 8, Some((buf_addr(0, 0), 512, false)));
+    let mut submitted: u16 = 0;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !stop.load(Relaxed) && std::time::Instant::now() < end {
+        if submitted.wrapping_sub(qd.used_idx()) < 64 {
+            qd.submit_batch(&vec![c.clone(); 64], STRIDE);
+            submitted = submitted.wrapping_add(64);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    qd
+}
+
+/// A guest that refills its ring as fast as it is drained does not hold the worker:
+/// GET_VRING_BASE is answered within a second, and so is a stop of the daemon.
+#[test]
+fn a_flooding_guest_lets_get_vring_base_and_stop_through() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::time::{Duration, Instant};
+    let daemon = TestDaemon::start_opts(
+        &DaemonOpts {
+            aio: Some(Aio::Threads),
+            ..Default::default()
+        },
+        |img| Arc::new(SlowWrites(img)),
+        Arc::new(NoopTracker),
+    );
+    let mut d = Driver::connect(&daemon.socket, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let qd = d.queues.remove(0);
+    let s = stop.clone();
+    let flooder = std::thread::spawn(move || flood(qd, s));
+    // Let the flood build up: the worker is busy for good now.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let base = d.fe.get_vring_base(0).unwrap();
+    let took = t.elapsed();
+    stop.store(true, Relaxed);
+    let qd = flooder.join().unwrap();
+    assert!(
+        base > 256,
+        "the flood went through the ring several times ({base})"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "GET_VRING_BASE took {took:?} under a flood"
+    );
+    assert_eq!(
+        u32::from(qd.used_idx()),
+        base,
+        "answered after its requests"
+    );
+    drop(qd);
+    drop(d);
+    // A stop under a flood, on a new connection.
+    let mut d = Driver::connect(&daemon.socket, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let qd = d.queues.remove(0);
+    let s = stop.clone();
+    let flooder = std::thread::spawn(move || flood(qd, s));
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    daemon.stop.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The daemon closes the connection once it stopped: the flooder's kicks then fail
+    // or go nowhere; the server thread ends.
+    let stopped = daemon.stop();
+    let took = t.elapsed();
+    stop.store(true, Relaxed);
+    let _ = flooder.join();
+    assert!(Instant::now() < deadline);
+    stopped.unwrap();
+    assert!(
+        took < Duration::from_secs(1),
+        "stop took {took:?} under a flood"
+    );
+    drop(d);
+}
