@@ -439,19 +439,29 @@ impl Exports {
         Ok(())
     }
 
-    /// `query-block-exports`.
+    /// `query-block-exports` (plus `x-fleece-bytes` and `x-snapshot-broken` for
+    /// point-in-time exports).
     pub fn query(&self) -> Value {
         let st = self.lock();
         Value::Array(
             st.exports
-                .keys()
-                .map(|id| {
-                    json!({
+                .iter()
+                .map(|(id, rec)| {
+                    let mut v = json!({
                         "type": "nbd",
                         "id": id,
                         "node-name": self.node,
                         "shutting-down": false,
-                    })
+                    });
+                    // Our extension: how much the point-in-time view has copied, and
+                    // whether it broke.
+                    if let Some(view) = &rec.view {
+                        v["x-fleece-bytes"] = json!(view.stored_bytes());
+                        if let Some(why) = view.broken() {
+                            v["x-snapshot-broken"] = json!(why);
+                        }
+                    }
+                    v
                 })
                 .collect(),
         )
