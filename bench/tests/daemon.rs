@@ -37,6 +37,7 @@ fn drives_the_daemon_and_writes_land() {
         direct: false,
         create_size: None,
         known_autoclear: 0,
+        backing: Default::default(),
     })
     .unwrap();
     let device = Arc::new(BlkDevice::new(

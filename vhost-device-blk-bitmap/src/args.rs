@@ -57,6 +57,18 @@ pub enum AioArg {
     Threads,
 }
 
+/// Which backing files a qcow2 image may name.
+#[derive(ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BackingArg {
+    /// Any file, as QEMU does.
+    Allow,
+    /// None: an image with a backing file is refused.
+    Deny,
+    /// Only regular files in the image's directory tree (after resolving symlinks).
+    #[default]
+    WithinDir,
+}
+
 /// Options of the serving mode.
 #[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServeArgs {
@@ -91,6 +103,12 @@ pub struct ServeArgs {
     /// Serial number answered to GET_ID (at most 20 bytes).
     #[arg(long, default_value = "vhost_user_blk", value_name = "STRING")]
     pub serial: String,
+
+    /// Which backing files a qcow2 image may name: within-dir (regular files in the
+    /// image's directory tree, after resolving symlinks), allow (any, as QEMU), deny.
+    /// Backing files are opened read-only and locked against writers as QEMU does.
+    #[arg(long, value_enum, default_value_t = BackingArg::WithinDir, value_name = "POLICY")]
+    pub backing: BackingArg,
 
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]

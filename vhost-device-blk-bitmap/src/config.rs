@@ -80,10 +80,12 @@ pub struct Config {
     pub export: crate::exports::ExportSpec,
     /// Where fleecing stores go.
     pub fleece_dir: PathBuf,
+    /// Which backing files the image may name.
+    pub backing: qcow2::BackingPolicy,
 }
 
 /// Whether two paths name the same file (or the same path when neither exists yet).
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
@@ -325,6 +327,11 @@ impl TryFrom<ServeArgs> for Config {
             nbd,
             export,
             fleece_dir,
+            backing: match a.backing {
+                crate::args::BackingArg::Allow => qcow2::BackingPolicy::Allow,
+                crate::args::BackingArg::Deny => qcow2::BackingPolicy::Deny,
+                crate::args::BackingArg::WithinDir => qcow2::BackingPolicy::WithinDir,
+            },
         })
     }
 }
@@ -382,6 +389,11 @@ mod tests {
         assert_eq!(c.create_size, None);
         assert_eq!((c.qmp_socket, c.node_name.as_str()), (None, "disk0"));
         assert_eq!(c.aio, Aio::IoUring);
+        assert_eq!(c.backing, qcow2::BackingPolicy::WithinDir);
+        let c = cfg(&["--backing", "allow"]).unwrap();
+        assert_eq!(c.backing, qcow2::BackingPolicy::Allow);
+        let e = cfg(&["--backing", "anywhere"]).unwrap_err();
+        assert!(e.contains("within-dir"), "{e}");
     }
 
     #[test]

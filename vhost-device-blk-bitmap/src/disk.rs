@@ -48,6 +48,8 @@ pub struct DiskOptions {
     /// a tracker updates the persistent bitmaps); the engine clears all others on a
     /// writable open.
     pub known_autoclear: u64,
+    /// Which backing files a qcow2 image may name.
+    pub backing: qcow2::BackingPolicy,
 }
 
 /// Errors opening the disk.
@@ -100,6 +102,8 @@ pub struct OpenedDisk {
     pub format: ImageFormat,
     /// QEMU-compatible locks (dropped = released).
     pub lock: ImageLock,
+    /// Shared read locks on the backing chain's files (nobody may write them meanwhile).
+    pub backing_locks: Vec<ImageLock>,
 }
 
 /// Reads the first bytes and tells qcow2 from raw.
@@ -217,6 +221,7 @@ fn open_engine(opts: &DiskOptions, format: ImageFormat) -> Result<Engine, DiskEr
                     read_only,
                     direct,
                     known_autoclear: opts.known_autoclear,
+                    backing: opts.backing,
                 },
             )
             .map_err(|source| DiskError::Engine {
@@ -260,6 +265,11 @@ pub fn open_disk(opts: &DiskOptions) -> Result<OpenedDisk, DiskError> {
         &LockSpec::for_image(format == ImageFormat::Qcow2, !opts.read_only),
     )?;
     let (image, qcow2) = open_engine(opts, format)?;
+    // Like QEMU, hold consistent read on every backing file and share no writer.
+    let mut backing_locks = Vec::new();
+    for p in qcow2.iter().flat_map(|q| q.backing_chain()) {
+        backing_locks.push(ImageLock::acquire(p, &LockSpec::for_image(false, false))?);
+    }
     if let Some(wanted) = opts.create_size {
         if image.size() != wanted {
             return Err(DiskError::SizeMismatch {
@@ -274,6 +284,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<OpenedDisk, DiskError> {
         qcow2,
         format,
         lock,
+        backing_locks,
     })
 }
 
@@ -289,6 +300,7 @@ mod tests {
             direct: false,
             create_size: None,
             known_autoclear: 0,
+            backing: Default::default(),
         }
     }
 

@@ -60,7 +60,17 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         create_size: config.create_size,
         // The tracker keeps the persistent bitmaps valid, so the engine keeps their bit.
         known_autoclear: qcow2::AUTOCLEAR_BITMAPS,
+        backing: config.backing,
     })?;
+    for b in &disk.backing_locks {
+        if vhost_device_blk_bitmap::config::same_file(&config.socket_path, b.path()) {
+            return Err(format!(
+                "--socket-path '{}' is a backing file of the image: the socket would replace it",
+                config.socket_path.display()
+            )
+            .into());
+        }
+    }
     let (tracker, bitmaps) = make_tracker(&config, &disk)?;
     log::info!("serving {} image '{}'", disk.format, config.image.display());
     let device = Arc::new(BlkDevice::new(

@@ -378,3 +378,56 @@ fn probed_raw_image_refuses_a_qcow2_header_in_sector_0() {
         }
     }
 }
+
+/// An image whose backing file lies outside its directory is refused by default
+/// (`--backing within-dir`) with a message naming the policy, served with `--backing
+/// allow`; a served backing file is locked against writers, as QEMU does.
+#[test]
+fn backing_files_follow_the_policy_and_are_locked() {
+    let outside = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = raw_image(outside.path());
+    let image = dir.path().join("top.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let socket = dir.path().join("s.sock");
+    let mut child = spawn(&socket, &image, &["--format", "qcow2"]);
+    let st = wait_exit(&mut child, 10);
+    let log = stderr_of(&mut child);
+    assert_ne!(st.code(), Some(0));
+    assert!(
+        log.contains("outside") && log.contains("within-dir"),
+        "{log}"
+    );
+    let mut child = spawn(
+        &socket,
+        &image,
+        &["--format", "qcow2", "--backing", "allow"],
+    );
+    wait_for_socket(&mut child, &socket);
+    let mut d = Driver::connect(&socket, 1);
+    assert_eq!(d.request(0, 0, 3, Some((512, true))), (0, 513));
+    assert_eq!(
+        d.read_data(0, 512),
+        (3 * 512..4 * 512).map(pattern).collect::<Vec<u8>>(),
+        "reads come from the backing file"
+    );
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("lock"),
+        "a writer of the backing file must be locked out: {text}"
+    );
+    drop(d);
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child, 10).code(), Some(0));
+}

@@ -111,6 +111,7 @@ fn open(img: &Path) -> OpenedDisk {
         direct: false,
         create_size: None,
         known_autoclear: qcow2::AUTOCLEAR_BITMAPS,
+        backing: Default::default(),
     })
     .unwrap()
 }

@@ -52,6 +52,31 @@ pub struct OpenOptions {
     /// (bit 0, bitmaps, is cleared too unless named here: a writer that does not update
     /// the bitmaps must say so).
     pub known_autoclear: u64,
+    /// Which backing files the image (and its chain) may name.
+    pub backing: BackingPolicy,
+}
+
+/// Which backing files an image may name (QEMU opens any; a guest-writable raw image or
+/// an image from an untrusted source can name any host file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Any file (QEMU's behaviour).
+    #[default]
+    Allow,
+    /// None: an image with a backing file is refused.
+    Deny,
+    /// Only regular files inside the top image's directory tree, after resolving
+    /// symlinks and `..`.
+    WithinDir,
+}
+
+/// What a backing file open needs to know of the chain above it.
+#[derive(Clone, Copy, Debug)]
+struct ChainCtx<'a> {
+    depth: u32,
+    policy: BackingPolicy,
+    /// The directory the chain must stay in (canonical), for `WithinDir`.
+    root: Option<&'a Path>,
 }
 
 /// An open qcow2 image.
@@ -64,6 +89,8 @@ pub struct Qcow2Image {
     version: u32,
     compression: CompressionType,
     backing: Option<Arc<dyn BlockImage>>,
+    /// The backing chain's files, nearest first.
+    chain: Vec<PathBuf>,
     meta: RwLock<Meta>,
     gate: Arc<IoGate>,
 }
@@ -94,17 +121,55 @@ pub fn is_qcow2(storage: &dyn Storage) -> Result<bool> {
     Ok(u32::from_be_bytes(magic) == crate::header::MAGIC)
 }
 
-/// Opens an image file of either format read-only for use as a backing file.
-fn open_backing(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<dyn BlockImage>> {
-    if depth > MAX_BACKING_DEPTH {
+/// Checks a backing file name against the policy and opens the file read-only: never
+/// blocking (a FIFO), and only a regular file or a block device.
+fn open_backing_file(path: &Path, ctx: ChainCtx<'_>) -> Result<FileStorage> {
+    let refuse =
+        |why: String| Error::Unsupported(format!("backing file '{}' {why}", path.display()));
+    match ctx.policy {
+        BackingPolicy::Allow => {}
+        BackingPolicy::Deny => {
+            return Err(refuse(
+                "refused: backing files are not allowed (backing policy deny)".into(),
+            ))
+        }
+        BackingPolicy::WithinDir => {
+            let real = path
+                .canonicalize()
+                .ctx(|| format!("Could not open backing file '{}'", path.display()))?;
+            let root = ctx.root.unwrap_or(Path::new("/nonexistent"));
+            if !real.starts_with(root) {
+                return Err(refuse(format!(
+                    "refused: it resolves to '{}', outside '{}' (backing policy within-dir)",
+                    real.display(),
+                    root.display()
+                )));
+            }
+            if !std::fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+                return Err(refuse(
+                    "refused: not a regular file (backing policy within-dir)".into(),
+                ));
+            }
+        }
+    }
+    let storage = FileStorage::open_backing(path)
+        .ctx(|| format!("Could not open backing file '{}'", path.display()))?;
+    Ok(storage)
+}
+
+/// Opens an image file of either format read-only for use as a backing file; returns it
+/// and the paths of its own chain (itself first).
+fn open_backing(
+    path: &Path,
+    format: Option<&str>,
+    ctx: ChainCtx<'_>,
+) -> Result<(Arc<dyn BlockImage>, Vec<PathBuf>)> {
+    if ctx.depth > MAX_BACKING_DEPTH {
         return Err(Error::InvalidImage(format!(
             "backing chain longer than {MAX_BACKING_DEPTH} images"
         )));
     }
-    let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(path, false, false)
-            .ctx(|| format!("Could not open backing file '{}'", path.display()))?,
-    );
+    let storage: Arc<dyn Storage> = Arc::new(open_backing_file(path, ctx)?);
     let qcow2 = match format {
         Some("qcow2") => true,
         Some("raw") => false,
@@ -118,16 +183,18 @@ fn open_backing(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<dyn
     if qcow2 {
         let opts = OpenOptions {
             read_only: true,
+            backing: ctx.policy,
             ..Default::default()
         };
-        Ok(Arc::new(Qcow2Image::open_with(
-            storage,
-            &opts,
-            Some(path),
-            depth,
-        )?))
+        let img = Qcow2Image::open_with(storage, &opts, Some(path), ctx)?;
+        let mut chain = vec![path.to_path_buf()];
+        chain.extend(img.chain.iter().cloned());
+        Ok((Arc::new(img), chain))
     } else {
-        Ok(Arc::new(RawImage::new(storage, true)?))
+        Ok((
+            Arc::new(RawImage::new(storage, true)?),
+            vec![path.to_path_buf()],
+        ))
     }
 }
 
@@ -136,20 +203,40 @@ impl Qcow2Image {
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
         let storage = FileStorage::open(path, !opts.read_only, opts.direct)
             .ctx(|| format!("Could not open '{}'", path.display()))?;
-        Self::open_with(Arc::new(storage), opts, Some(path), 0)
+        let root = match opts.backing {
+            BackingPolicy::WithinDir => Some(
+                path.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .canonicalize()
+                    .ctx(|| format!("resolving the folder of '{}'", path.display()))?,
+            ),
+            _ => None,
+        };
+        let ctx = ChainCtx {
+            depth: 0,
+            policy: opts.backing,
+            root: root.as_deref(),
+        };
+        Self::open_with(Arc::new(storage), opts, Some(path), ctx)
     }
 
     /// Opens a qcow2 image on any storage. A backing file, if the image names one, is
     /// resolved relative to `path`'s folder (or the current folder).
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
-        Self::open_with(storage, opts, None, 0)
+        let ctx = ChainCtx {
+            depth: 0,
+            policy: opts.backing,
+            root: None,
+        };
+        Self::open_with(storage, opts, None, ctx)
     }
 
     fn open_with(
         storage: Arc<dyn Storage>,
         opts: &OpenOptions,
         path: Option<&Path>,
-        depth: u32,
+        ctx: ChainCtx<'_>,
     ) -> Result<Self> {
         let file_len = storage.len().ctx(|| "reading the image size".into())?;
         let mut first =
@@ -184,8 +271,8 @@ impl Qcow2Image {
         if header.nb_snapshots > 0 && opts.read_only {
             log::debug!("image has {} internal snapshots", header.nb_snapshots);
         }
-        let backing = match &header.backing_file {
-            None => None,
+        let (backing, chain) = match &header.backing_file {
+            None => (None, Vec::new()),
             Some(name) => {
                 let base = path.and_then(Path::parent).unwrap_or(Path::new("."));
                 let p = if Path::new(name).is_absolute() {
@@ -196,7 +283,12 @@ impl Qcow2Image {
                 let fmt = header
                     .extension(EXT_BACKING_FORMAT)
                     .map(|f| String::from_utf8_lossy(f).into_owned());
-                Some(open_backing(&p, fmt.as_deref(), depth + 1)?)
+                let below = ChainCtx {
+                    depth: ctx.depth + 1,
+                    ..ctx
+                };
+                let (img, chain) = open_backing(&p, fmt.as_deref(), below)?;
+                (Some(img), chain)
             }
         };
 
@@ -261,6 +353,7 @@ impl Qcow2Image {
             version: meta.header.version,
             compression: meta.header.compression_type,
             backing,
+            chain,
             meta: RwLock::new(meta),
             gate,
         };
@@ -350,6 +443,11 @@ impl Qcow2Image {
     /// The backing image, if any.
     pub fn backing(&self) -> Option<&Arc<dyn BlockImage>> {
         self.backing.as_ref()
+    }
+
+    /// The files of the backing chain, nearest first (empty without a backing file).
+    pub fn backing_chain(&self) -> &[PathBuf] {
+        &self.chain
     }
 
     fn writable(&self, m: &Meta) -> Result<()> {

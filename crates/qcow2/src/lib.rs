@@ -36,7 +36,7 @@ pub use direct::{
 pub use error::{Error, Result};
 pub use gate::IoTicket;
 pub use header::CompressionType;
-pub use image::{check, check_image, is_qcow2, OpenOptions, Qcow2Image};
+pub use image::{check, check_image, is_qcow2, BackingPolicy, OpenOptions, Qcow2Image};
 pub use meta_api::{HeaderUpdate, ImageMetadata, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 pub use offsets::{GuestOffset, HostOffset};
 pub use raw::RawImage;

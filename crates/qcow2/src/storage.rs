@@ -96,6 +96,35 @@ impl FileStorage {
         Ok(FileStorage { file, direct })
     }
 
+    /// Opens a backing file read-only without blocking on it (a FIFO would) and accepts
+    /// only a regular file or a block device.
+    pub fn open_backing(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        let t = file.metadata()?.file_type();
+        if !(t.is_file() || t.is_block_device()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or a block device",
+            ));
+        }
+        // Ordinary blocking I/O from here on.
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL/F_SETFL only read and set the flags of a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags < 0
+                || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(FileStorage { file, direct: None })
+    }
+
     /// Wraps an open file.
     pub fn from_file(file: File) -> Self {
         FileStorage { file, direct: None }

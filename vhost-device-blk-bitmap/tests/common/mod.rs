@@ -153,6 +153,7 @@ impl TestDaemon {
             direct: opts.direct,
             create_size: None,
             known_autoclear: 0,
+            backing: Default::default(),
         })
         .unwrap();
         let aio = opts.aio.unwrap_or_else(aio);
