@@ -54,6 +54,7 @@ fn drives_the_daemon_and_writes_land() {
             num_queues: 1,
             queue_size: 1024,
             aio: Default::default(),
+            access: Default::default(),
         },
         device,
         stop.clone(),

@@ -76,6 +76,16 @@ pub struct ServeArgs {
     #[arg(short = 's', long, value_name = "SOCKET")]
     pub socket_path: Option<PathBuf>,
 
+    /// Mode of the vhost-user socket, octal (default 0600: whoever can connect gets the
+    /// whole disk).
+    #[arg(long, value_name = "OCTAL")]
+    pub socket_mode: Option<String>,
+
+    /// Group owner of the vhost-user socket (a name or a number), e.g. the VMM's group
+    /// together with --socket-mode 0660.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
     /// The disk image to serve.
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,

@@ -82,6 +82,8 @@ pub struct Config {
     pub fleece_dir: PathBuf,
     /// Which backing files the image may name.
     pub backing: qcow2::BackingPolicy,
+    /// Mode and group of the vhost-user socket.
+    pub socket_access: crate::server::SocketAccess,
 }
 
 /// Whether two paths name the same file (or the same path when neither exists yet).
@@ -245,6 +247,7 @@ impl TryFrom<ServeArgs> for Config {
             }
         };
         check_node_name(&a.node_name)?;
+        let socket_access = socket_access(a.socket_mode.as_deref(), a.socket_group.as_deref())?;
         let nbd = match (&a.nbd_socket, &a.nbd_listen) {
             (Some(_), Some(_)) => {
                 return Err(bad("--nbd-socket and --nbd-listen cannot be used together"))
@@ -327,6 +330,7 @@ impl TryFrom<ServeArgs> for Config {
             nbd,
             export,
             fleece_dir,
+            socket_access,
             backing: match a.backing {
                 crate::args::BackingArg::Allow => qcow2::BackingPolicy::Allow,
                 crate::args::BackingArg::Deny => qcow2::BackingPolicy::Deny,
@@ -334,6 +338,66 @@ impl TryFrom<ServeArgs> for Config {
             },
         })
     }
+}
+
+/// `--socket-mode` and `--socket-group`.
+fn socket_access(
+    mode: Option<&str>,
+    group: Option<&str>,
+) -> Result<crate::server::SocketAccess, ConfigError> {
+    let mut access = crate::server::SocketAccess::default();
+    if let Some(m) = mode {
+        access.mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|&m| m <= 0o777)
+            .ok_or_else(|| {
+                bad(format!(
+                    "--socket-mode '{m}': expected an octal mode like 0660"
+                ))
+            })?;
+        if access.mode & 0o600 != 0o600 {
+            return Err(bad(format!(
+                "--socket-mode {:04o} must let the owner read and write",
+                access.mode
+            )));
+        }
+        if access.mode & 0o007 != 0 {
+            log::warn!(
+                "--socket-mode {:04o}: every local user can connect and read or write the disk",
+                access.mode
+            );
+        }
+    }
+    if let Some(g) = group {
+        access.gid = Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                group_id(g).ok_or_else(|| bad(format!("--socket-group '{g}': no such group")))?
+            }
+        });
+    }
+    Ok(access)
+}
+
+/// The id of group `name` (getgrnam_r).
+fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: group and result are plain C structs we own; all-zero is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to memory we own for the duration of the call, and
+    // `buf.len()` is its size; getgrnam_r writes only into grp, buf and result.
+    let r = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (r == 0 && !result.is_null()).then_some(grp.gr_gid)
 }
 
 /// `--nbd-listen HOST:PORT` (an IPv6 host in brackets: `[::1]:10809`).
@@ -390,6 +454,25 @@ mod tests {
         assert_eq!((c.qmp_socket, c.node_name.as_str()), (None, "disk0"));
         assert_eq!(c.aio, Aio::IoUring);
         assert_eq!(c.backing, qcow2::BackingPolicy::WithinDir);
+        assert_eq!(c.socket_access, crate::server::SocketAccess::default());
+        let c = cfg(&["--socket-mode", "0660", "--socket-group", "root"]).unwrap();
+        assert_eq!(
+            (c.socket_access.mode, c.socket_access.gid),
+            (0o660, Some(0))
+        );
+        let c = cfg(&["--socket-group", "4242"]).unwrap();
+        assert_eq!(c.socket_access.gid, Some(4242));
+        for (args, want) in [
+            (&["--socket-mode", "999"][..], "octal"),
+            (&["--socket-mode", "0440"][..], "read and write"),
+            (
+                &["--socket-group", "no-such-group-here"][..],
+                "no such group",
+            ),
+        ] {
+            let e = cfg(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
         let c = cfg(&["--backing", "allow"]).unwrap();
         assert_eq!(c.backing, qcow2::BackingPolicy::Allow);
         let e = cfg(&["--backing", "anywhere"]).unwrap_err();

@@ -111,6 +111,7 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             num_queues: usize::from(config.num_queues),
             queue_size: usize::from(config.queue_size),
             aio: config.aio,
+            access: config.socket_access,
         },
         device,
         stop,

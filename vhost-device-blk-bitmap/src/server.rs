@@ -194,6 +194,26 @@ pub struct ServerConfig {
     pub queue_size: usize,
     /// I/O engine of the queue workers.
     pub aio: crate::config::Aio,
+    /// Who may connect to the socket.
+    pub access: SocketAccess,
+}
+
+/// Permissions of the vhost-user socket: whoever can connect gets the whole disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// File mode (default 0600: only our user).
+    pub mode: u32,
+    /// Group owner, if not ours.
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o600,
+            gid: None,
+        }
+    }
 }
 
 /// Serves one device on a vhost-user socket, one frontend at a time.
@@ -233,6 +253,24 @@ impl Server {
                 source: e,
             })
         })?;
+        // The socket exists with mode 0600; open it up only as far as asked.
+        let access = self.config.access;
+        if access != SocketAccess::default() {
+            use std::os::unix::fs::PermissionsExt;
+            let io = |what, err| ServerError::Io { what, err };
+            std::os::unix::fs::chown(path, None, access.gid)
+                .map_err(|e| io("setting the socket's group", e))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
+                .map_err(|e| io("setting the socket's mode", e))?;
+            info!(
+                "socket mode {:04o}{}",
+                access.mode,
+                access
+                    .gid
+                    .map(|g| format!(", group {g}"))
+                    .unwrap_or_default()
+            );
+        }
         let mut listener = Listener::from(socket);
         info!(
             "listening on {} ({} queue(s), image of {} bytes{})",
@@ -356,6 +394,7 @@ mod tests {
                 num_queues: 1,
                 queue_size: 256,
                 aio: Default::default(),
+                access: Default::default(),
             },
             device(),
             stop,
@@ -381,6 +420,7 @@ mod tests {
                 num_queues: 1,
                 queue_size: 256,
                 aio: Default::default(),
+                access: Default::default(),
             },
             device(),
             stop,

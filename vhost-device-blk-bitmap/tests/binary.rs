@@ -431,3 +431,31 @@ fn backing_files_follow_the_policy_and_are_locked() {
     signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child, 10).code(), Some(0));
 }
+
+/// The socket is 0600 unless asked otherwise; --socket-mode and --socket-group open it to
+/// a group (e.g. the VMM's).
+#[test]
+fn socket_mode_and_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path());
+    let socket = dir.path().join("s.sock");
+    for (args, mode, gid) in [
+        (&[][..], 0o600, None),
+        (
+            &["--socket-mode", "0660", "--socket-group", "4242"][..],
+            0o660,
+            Some(4242),
+        ),
+    ] {
+        let mut child = spawn(&socket, &image, args);
+        wait_for_socket(&mut child, &socket);
+        let m = std::fs::metadata(&socket).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, mode, "{args:?}");
+        if let Some(g) = gid {
+            assert_eq!(m.gid(), g);
+        }
+        signal(&child, libc::SIGTERM);
+        assert_eq!(wait_exit(&mut child, 10).code(), Some(0));
+    }
+}

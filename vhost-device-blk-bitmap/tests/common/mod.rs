@@ -171,6 +171,7 @@ impl TestDaemon {
                 num_queues,
                 queue_size: 1024,
                 aio,
+                access: Default::default(),
             },
             device,
             stop.clone(),
