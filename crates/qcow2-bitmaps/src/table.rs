@@ -30,15 +30,58 @@ pub(crate) fn read_table(img: &dyn ImageMetadata, e: &DirEntry) -> Result<Vec<Ta
             e.table_size
         )));
     }
-    let mut raw = vec![0u8; e.table_size as usize * 8];
+    let table_bytes = e.table_size as u64 * 8;
+    check_clusters(
+        img,
+        e.table_offset,
+        clusters_for(table_bytes, cs) * cs,
+        "the table",
+    )
+    .map_err(bad)?;
+    let mut raw = vec![0u8; table_bytes as usize];
     img.read_metadata(HostOffset(e.table_offset), &mut raw)
         .map_err(|err| bad(err.to_string()))?;
-    raw.chunks_exact(8)
+    let table = raw
+        .chunks_exact(8)
         .map(|c| {
             let v = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
-            decode_table_entry(v, cs).map_err(bad)
+            decode_table_entry(v, cs).map_err(&bad)
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    // Every data cluster inside the file, clear of the engine's metadata and named once:
+    // a store frees them, and must never free anything else.
+    let mut seen = std::collections::HashSet::new();
+    for te in &table {
+        if let TableEntry::Data(off) = *te {
+            check_clusters(img, off, cs, "a data cluster").map_err(&bad)?;
+            if !seen.insert(off) {
+                return Err(bad(format!("data cluster {off:#x} is named twice")));
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// Checks that `[offset, offset+len)` lies inside the image file and overlaps none of
+/// the engine's metadata.
+fn check_clusters(
+    img: &dyn ImageMetadata,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> std::result::Result<(), String> {
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| format!("{what} at {offset:#x} lies past any file"))?;
+    if let Some(file_len) = img.file_len() {
+        if end > file_len {
+            return Err(format!(
+                "{what} at {offset:#x} lies past the end of the file ({file_len} bytes)"
+            ));
+        }
+    }
+    img.check_no_overlap(HostOffset(offset), len)
+        .map_err(|e| format!("{what} at {offset:#x}: {e}"))
 }
 
 /// Loads a consistent bitmap (QEMU's `load_bitmap`): table, then every data cluster.

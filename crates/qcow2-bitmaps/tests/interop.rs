@@ -550,3 +550,80 @@ fn merge_across_images() {
         vec![(0, 65536), (3 << 20, 65536)]
     );
 }
+
+/// A bitmap table whose entries point past the end of the file, into the engine's
+/// metadata, or twice at one cluster is refused when loading (both modes) and the image
+/// is not written: no store can later free what such an entry names.
+#[test]
+fn hostile_bitmap_tables_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    type Patch = fn(&mut [u8], usize, u64);
+    // (what, patch of table entry 0 given the file, the table offset and the L1 offset)
+    let cases: [(&str, Patch); 4] = [
+        ("past the end", |f, t, _| {
+            f[t..t + 8].copy_from_slice(&(1u64 << 40).to_be_bytes())
+        }),
+        ("the refcount table", |f, t, _| {
+            let rt: [u8; 8] = f[48..56].try_into().unwrap();
+            f[t..t + 8].copy_from_slice(&rt);
+        }),
+        ("the L1 table", |f, t, l1| {
+            f[t..t + 8].copy_from_slice(&l1.to_be_bytes())
+        }),
+        ("twice", |f, t, _| {
+            let first: [u8; 8] = f[t..t + 8].try_into().unwrap();
+            f[t + 8..t + 16].copy_from_slice(&first);
+        }),
+    ];
+    for (i, (what, patch)) in cases.iter().enumerate() {
+        let p = create(dir.path(), &format!("t{i}.qcow2"), 65536, "64G");
+        let ps = p.to_str().unwrap();
+        run("qemu-img", &["bitmap", "--add", "-g", "512", ps, "b0"]);
+        // Dirty bits in the first two table entries' ranges, stored by QEMU.
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write 0 512",
+                "-c",
+                "write 256M 512",
+                ps,
+            ],
+        );
+        let (toff, l1) = {
+            let img = open(&p, true);
+            let x = img.header_extension(EXT_BITMAPS).unwrap();
+            let doff = u64::from_be_bytes(x[16..24].try_into().unwrap()) as usize;
+            let f = std::fs::read(&p).unwrap();
+            let toff = u64::from_be_bytes(f[doff..doff + 8].try_into().unwrap()) as usize;
+            let l1 = u64::from_be_bytes(f[40..48].try_into().unwrap());
+            (toff, l1)
+        };
+        let mut f = std::fs::read(&p).unwrap();
+        let entry0 = u64::from_be_bytes(f[toff..toff + 8].try_into().unwrap());
+        assert_ne!(
+            entry0, 0,
+            "{what}: the first table entry names a data cluster"
+        );
+        patch(&mut f, toff, l1);
+        std::fs::write(&p, &f).unwrap();
+        for ro in [true, false] {
+            let img = open(&p, ro);
+            let e = Bitmaps::open(&img, "disk0").unwrap_err().to_string();
+            assert!(
+                e.starts_with("Could not read bitmap_table table from image for bitmap 'b0'"),
+                "{what}: {e}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            f,
+            "{what}: the image was written"
+        );
+    }
+}

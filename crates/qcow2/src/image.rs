@@ -1317,6 +1317,14 @@ impl ImageMetadata for Qcow2Image {
             .ctx(|| format!("reading metadata at {offset}"))
     }
 
+    fn file_len(&self) -> Option<u64> {
+        self.storage.len().ok()
+    }
+
+    fn check_no_overlap(&self, offset: HostOffset, len: u64) -> Result<()> {
+        self.lock().overlap_check(offset.0, len)
+    }
+
     fn write_metadata(&self, offset: HostOffset, buf: &[u8]) -> Result<()> {
         let mut m = self.lock();
         self.writable(&m)?;

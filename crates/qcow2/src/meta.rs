@@ -805,8 +805,8 @@ impl Meta {
     /// Fails if `[off, off+len)` overlaps metadata the engine owns.
     pub fn overlap_check(&mut self, off: u64, len: u64) -> Result<()> {
         let cs = self.cluster_size();
-        let end = off + len;
-        let hit = |s: u64, l: u64| l != 0 && off < s + l && s < end;
+        let end = off.saturating_add(len);
+        let hit = |s: u64, l: u64| l != 0 && off < s.saturating_add(l) && s < end;
         let fail = |what: &'static str| {
             Err(Error::Overlap {
                 offset: off,

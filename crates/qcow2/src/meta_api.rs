@@ -50,4 +50,15 @@ pub trait ImageMetadata: Send + Sync {
     fn write_metadata(&self, offset: HostOffset, buf: &[u8]) -> Result<()>;
     /// Writes every cached metadata table and syncs the file.
     fn flush_metadata(&self) -> Result<()>;
+    /// Size of the image file in bytes, when known: clusters named by other structures
+    /// must lie inside it.
+    fn file_len(&self) -> Option<u64> {
+        None
+    }
+    /// Fails if `[offset, offset+len)` overlaps the engine's own metadata (header, L1 and
+    /// L2 tables, refcount table and blocks, snapshot table, bitmap directory).
+    fn check_no_overlap(&self, offset: HostOffset, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
