@@ -179,7 +179,10 @@ def backup(args, incremental):
                 nbd_proc.terminate()
                 nbd_proc.wait()
     finally:
-        qmp.cmd("block-export-del", id=EXPORT_ID)
+        # Our clients are done (qemu-img exited, the libnbd handles shut down), but the
+        # server may not have seen them go yet: a "safe" deletion could still find them
+        # and fail with "export 'backup' still in use".
+        qmp.cmd("block-export-del", id=EXPORT_ID, mode="hard")
         if own_server:
             qmp.cmd("nbd-server-stop")
     if prev is not None:

@@ -140,6 +140,11 @@ pub struct ServeArgs {
     #[arg(long = "bitmap", value_name = "NAME[,granularity=SIZE]")]
     pub bitmaps: Vec<String>,
 
+    /// Most memory all bitmaps of the image may take once loaded (suffixes K, M, G);
+    /// an image whose bitmaps need more is refused with a message naming this cap.
+    #[arg(long, default_value = "1G", value_name = "SIZE")]
+    pub max_bitmap_memory: String,
+
     /// Create the image with this virtual size when it does not exist (suffixes K, M, G,
     /// T, P; binary units). If it exists, its size must match.
     #[arg(long, value_name = "SIZE")]

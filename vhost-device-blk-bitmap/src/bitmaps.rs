@@ -173,15 +173,23 @@ impl PersistentBitmaps {
     /// found IN_USE are reported as inconsistent and not tracked. A read-only image is
     /// never written.
     pub fn open(image: Arc<Qcow2Image>, name: &str) -> Result<Self, BitmapError> {
-        Self::open_node(image, name, name)
+        Self::open_node(image, name, name, qcow2_bitmaps::DEFAULT_MAX_MEMORY)
     }
 
     /// Like [`PersistentBitmaps::open`], with the QMP node name that QEMU's messages
     /// about the bitmaps use (`Can't make bitmap 'b1' persistent in 'disk0': …`).
-    pub fn open_node(image: Arc<Qcow2Image>, name: &str, node: &str) -> Result<Self, BitmapError> {
-        let bitmaps = Bitmaps::open(&*image, node).map_err(|source| BitmapError::Load {
-            image: name.to_owned(),
-            source,
+    /// `max_memory` caps what the loaded bitmaps may take in total.
+    pub fn open_node(
+        image: Arc<Qcow2Image>,
+        name: &str,
+        node: &str,
+        max_memory: u64,
+    ) -> Result<Self, BitmapError> {
+        let bitmaps = Bitmaps::open_capped(&*image, node, max_memory).map_err(|source| {
+            BitmapError::Load {
+                image: name.to_owned(),
+                source,
+            }
         })?;
         let writable = !bitmaps.is_read_only();
         let me = PersistentBitmaps {
@@ -450,7 +458,8 @@ pub fn tracker_for(
         }
         return Ok((Arc::new(crate::tracker::NoopTracker), None));
     };
-    let tracker = PersistentBitmaps::open_node(image, &name, &config.node_name)?;
+    let tracker =
+        PersistentBitmaps::open_node(image, &name, &config.node_name, config.max_bitmap_memory)?;
     tracker.apply(&config.bitmaps)?;
     tracker.store_idle()?;
     let tracker = Arc::new(tracker);

@@ -84,6 +84,8 @@ pub struct Config {
     pub backing: qcow2::BackingPolicy,
     /// Mode and group of the vhost-user socket.
     pub socket_access: crate::server::SocketAccess,
+    /// Cap on the memory of the loaded bitmaps.
+    pub max_bitmap_memory: u64,
 }
 
 /// Whether two paths name the same file (or the same path when neither exists yet).
@@ -247,6 +249,8 @@ impl TryFrom<ServeArgs> for Config {
             }
         };
         check_node_name(&a.node_name)?;
+        let max_bitmap_memory = parse_size(&a.max_bitmap_memory)
+            .map_err(|e| bad(format!("--max-bitmap-memory: {e}")))?;
         let socket_access = socket_access(a.socket_mode.as_deref(), a.socket_group.as_deref())?;
         let nbd = match (&a.nbd_socket, &a.nbd_listen) {
             (Some(_), Some(_)) => {
@@ -331,6 +335,7 @@ impl TryFrom<ServeArgs> for Config {
             export,
             fleece_dir,
             socket_access,
+            max_bitmap_memory,
             backing: match a.backing {
                 crate::args::BackingArg::Allow => qcow2::BackingPolicy::Allow,
                 crate::args::BackingArg::Deny => qcow2::BackingPolicy::Deny,
@@ -455,6 +460,16 @@ mod tests {
         assert_eq!(c.aio, Aio::IoUring);
         assert_eq!(c.backing, qcow2::BackingPolicy::WithinDir);
         assert_eq!(c.socket_access, crate::server::SocketAccess::default());
+        assert_eq!(c.max_bitmap_memory, 1 << 30);
+        assert_eq!(
+            cfg(&["--max-bitmap-memory", "64M"])
+                .unwrap()
+                .max_bitmap_memory,
+            64 << 20
+        );
+        assert!(cfg(&["--max-bitmap-memory", "lots"])
+            .unwrap_err()
+            .contains("--max-bitmap-memory"));
         let c = cfg(&["--socket-mode", "0660", "--socket-group", "root"]).unwrap();
         assert_eq!(
             (c.socket_access.mode, c.socket_access.gid),

@@ -21,6 +21,9 @@ use crate::device::BlkDevice;
 use crate::nbd_export::DiskExport;
 use crate::snapshot::{PitView, ViewError};
 
+/// How long a safe `block-export-del` waits for clients that are disconnecting.
+const SAFE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Where the NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdAddr {
@@ -425,10 +428,19 @@ impl Exports {
             return Err(ExportError::NotFound(id.to_string()));
         };
         if let Some(r) = &st.server {
-            match r.server.remove_export(&rec.name, mode) {
-                Ok(()) | Err(nbd::NbdError::NoSuchExport(_)) => {}
-                Err(nbd::NbdError::InUse(_)) => return Err(ExportError::InUse(id.to_string())),
-                Err(e) => return Err(e.into()),
+            // A client that just went away may not have been seen leaving yet: in safe
+            // mode, give such clients a moment (a backup tool deletes its export right
+            // after its copy exits) before saying the export is in use.
+            let deadline = std::time::Instant::now() + SAFE_GRACE;
+            loop {
+                match r.server.remove_export(&rec.name, mode) {
+                    Ok(()) | Err(nbd::NbdError::NoSuchExport(_)) => break,
+                    Err(nbd::NbdError::InUse(_)) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(nbd::NbdError::InUse(_)) => return Err(ExportError::InUse(id.to_string())),
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         let rec = st.exports.remove(id).expect("present");

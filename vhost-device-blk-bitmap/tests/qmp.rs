@@ -326,8 +326,10 @@ fn write_batch(qd: &mut QueueDriver, granules: &[u64], g: u64) {
 
 /// Checkpoint transactions (add the next bitmap, disable the current one) and merges
 /// of old increments into an accumulator, while two queues write at QD32: every write
-/// is recorded wholly in exactly one increment (or the accumulator), each queue's writes
-/// move forward through the increments, and nothing else is set.
+/// is recorded wholly in the increment enabled when it was submitted and, if a
+/// transaction committed while it was in flight, also in the one enabled when it
+/// completed (never split, never lost); each queue's writes move forward through the
+/// increments, and nothing else is set.
 #[test]
 fn transactions_while_two_queues_write_are_atomic() {
     if !have("qemu-img") {
@@ -357,8 +359,9 @@ fn transactions_while_two_queues_write_are_atomic() {
         json!({"node": "disk0", "name": "acc", "granularity": g, "disabled": true}),
     )
     .unwrap();
-    // Cleared again and again: what it holds at the end is, per queue, exactly the
-    // writes after some point (a write is wholly before or after each clear).
+    // Cleared again and again: what it holds at the end is, per queue, the writes after
+    // some point plus, at most, writes of the batch in flight across the last clear
+    // (marked again when they completed).
     c.execute(
         "block-dirty-bitmap-add",
         json!({"node": "disk0", "name": "scratch", "granularity": g}),
@@ -454,34 +457,47 @@ fn transactions_while_two_queues_write_are_atomic() {
         })
         .collect();
     for order in &orders {
-        let first = order
-            .iter()
-            .position(|k| scratch.contains(k))
-            .unwrap_or(order.len());
-        assert!(
-            order[first..].iter().all(|k| scratch.contains(k)),
-            "scratch holds a queue's writes with a gap: not a clean cut at a clear"
-        );
+        // Everything after the last write it misses is in scratch; what it holds before
+        // that belongs to the same batch of 32 (in flight across the clear).
+        if let Some(last_missing) = order.iter().rposition(|k| !scratch.contains(k)) {
+            let early = order[..last_missing]
+                .iter()
+                .position(|k| scratch.contains(k));
+            if let Some(e) = early {
+                assert!(
+                    last_missing - e < 32,
+                    "scratch holds write {e} but misses write {last_missing}: not a cut at a clear"
+                );
+            }
+        }
     }
     eprintln!(
         "{n} checkpoint transactions and clears in {:.1?} while the queues wrote {written} granules",
         t0.elapsed()
     );
+    let mut twice = 0;
     for order in &orders {
         let mut last = -1;
         for k in order {
             let h = holder
                 .get(k)
                 .unwrap_or_else(|| panic!("granule {k} recorded nowhere"));
-            assert_eq!(h.len(), 1, "granule {k} recorded in {h:?}");
+            assert!(h.len() <= 2, "granule {k} recorded in {h:?}");
+            twice += usize::from(h.len() == 2);
+            // Recorded first where it was submitted: submissions move forward.
+            let first = *h.iter().min().unwrap();
             assert!(
-                h[0] >= last,
-                "granule {k} went back from {last} to {}",
-                h[0]
+                first >= last,
+                "granule {k} went back from {last} to {first}"
             );
-            last = h[0];
+            last = first;
         }
     }
+    eprintln!("{twice} granules were in flight across a transaction (recorded twice)");
+    assert!(
+        twice < written / 4,
+        "{twice} of {written} granules recorded twice"
+    );
     drop(d);
     c.execute("quit", json!({})).unwrap();
 }

@@ -71,6 +71,17 @@ pub enum Error {
     /// A change to a bitmap of an image opened read-only.
     #[error("Bitmap '{0}' is readonly and cannot be modified")]
     ReadOnly(String),
+    /// Loading the bitmaps would take more memory than allowed.
+    #[error(
+        "loading the bitmaps needs {needed} bytes of memory, over the cap of {cap} bytes \
+         (--max-bitmap-memory)"
+    )]
+    MemoryCap {
+        /// Bytes the bitmaps would take.
+        needed: u64,
+        /// The cap.
+        cap: u64,
+    },
     /// The bitmap is in use by another operation (an export).
     #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
     Busy(String),

@@ -37,7 +37,7 @@ mod txn;
 
 pub use dirty_bitmap::{DirtyBitmap, Extent};
 pub use error::{Error, Result};
-pub use load::{WARN_LEAKS, WARN_LOST_V2, WARN_LOST_V3};
+pub use load::{DEFAULT_MAX_MEMORY, WARN_LEAKS, WARN_LOST_V2, WARN_LOST_V3};
 pub use ops::{AddOptions, MergeSource};
 pub use set::{BitmapInfo, Bitmaps};
 pub use txn::{Action, TxnError, TxnOptions};

@@ -29,7 +29,16 @@ struct Loaded {
     drop_ext: bool,
 }
 
-fn read_bitmaps(img: &dyn ImageMetadata) -> Result<Loaded> {
+/// The default cap on the memory all loaded bitmaps of one image may take (1 GiB).
+pub const DEFAULT_MAX_MEMORY: u64 = 1 << 30;
+
+/// Bytes the in-memory bitmap of a directory entry takes.
+fn bitmap_memory(disk_size: u64, granularity_bits: u8) -> u64 {
+    let bits = disk_size.div_ceil(1u64 << granularity_bits.min(63));
+    bits.div_ceil(64) * 8
+}
+
+fn read_bitmaps(img: &dyn ImageMetadata, max_memory: u64) -> Result<Loaded> {
     let Some(data) = img.header_extension(EXT_BITMAPS) else {
         return Ok(Loaded {
             state: State::default(),
@@ -61,6 +70,19 @@ fn read_bitmaps(img: &dyn ImageMetadata) -> Result<Loaded> {
     let mut dir = vec![0u8; ext.directory_size as usize];
     img.read_metadata(HostOffset(ext.directory_offset), &mut dir)?;
     let dir_entries = parse_directory(&dir, ext.nb_bitmaps, cs, disk_size)?;
+    // Bounded memory whatever the directory says (its entries may even share tables):
+    // the bitmaps that would be loaded must fit the cap, checked before any is read.
+    let needed: u64 = dir_entries
+        .iter()
+        .filter(|d| !d.in_use())
+        .map(|d| bitmap_memory(disk_size, d.granularity_bits))
+        .sum();
+    if needed > max_memory {
+        return Err(Error::MemoryCap {
+            needed,
+            cap: max_memory,
+        });
+    }
     let mut entries = Vec::with_capacity(dir_entries.len());
     for d in dir_entries {
         let bitmap = if d.in_use() {
@@ -90,17 +112,27 @@ impl Bitmaps {
     /// Opens the bitmaps of `img`: read-write if the image is writable (see
     /// [`Bitmaps::load_and_mark_in_use`]), else read-only.
     pub fn open(img: &dyn ImageMetadata, node: &str) -> Result<Bitmaps> {
+        Self::open_capped(img, node, DEFAULT_MAX_MEMORY)
+    }
+
+    /// [`Bitmaps::open`] with a cap on the memory the loaded bitmaps may take in total
+    /// (over it: [`Error::MemoryCap`], before anything is read or written).
+    pub fn open_capped(img: &dyn ImageMetadata, node: &str, max_memory: u64) -> Result<Bitmaps> {
         if img.is_read_only() {
-            Self::load_read_only(img, node)
+            Self::read_only_capped(img, node, max_memory)
         } else {
-            Self::load_and_mark_in_use(img, node)
+            Self::mark_in_use_capped(img, node, max_memory)
         }
     }
 
     /// Loads every bitmap without touching the file. Nothing can be changed or stored;
     /// [`Bitmaps::mark`] does nothing.
     pub fn load_read_only(img: &dyn ImageMetadata, node: &str) -> Result<Bitmaps> {
-        let loaded = read_bitmaps(img)?;
+        Self::read_only_capped(img, node, DEFAULT_MAX_MEMORY)
+    }
+
+    fn read_only_capped(img: &dyn ImageMetadata, node: &str, max_memory: u64) -> Result<Bitmaps> {
+        let loaded = read_bitmaps(img, max_memory)?;
         Ok(Bitmaps::from_state(
             node,
             true,
@@ -114,10 +146,14 @@ impl Bitmaps {
     /// (in place, QEMU's order), so a crash leaves them inconsistent rather than stale.
     /// An extension that lost its autoclear bit is removed from the header.
     pub fn load_and_mark_in_use(img: &dyn ImageMetadata, node: &str) -> Result<Bitmaps> {
+        Self::mark_in_use_capped(img, node, DEFAULT_MAX_MEMORY)
+    }
+
+    fn mark_in_use_capped(img: &dyn ImageMetadata, node: &str, max_memory: u64) -> Result<Bitmaps> {
         if img.is_read_only() {
             return Err(Error::NoWriteAccess);
         }
-        let loaded = read_bitmaps(img)?;
+        let loaded = read_bitmaps(img, max_memory)?;
         if loaded.drop_ext {
             img.update_header(HeaderUpdate {
                 autoclear: None,
