@@ -627,3 +627,38 @@ fn hostile_bitmap_tables_are_refused() {
         );
     }
 }
+
+/// Loading is refused, before anything is read or written, when the bitmaps would take
+/// more memory than the cap.
+#[test]
+fn bitmaps_over_the_memory_cap_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "big.qcow2", 65536, "64G");
+    let ps = p.to_str().unwrap();
+    // 64 GiB at 512-byte granularity: 128 Mi bits, 16 MiB in memory; twice.
+    run("qemu-img", &["bitmap", "--add", "-g", "512", ps, "b0"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "512", ps, "b1"]);
+    let before = std::fs::read(&p).unwrap();
+    for ro in [true, false] {
+        let img = open(&p, ro);
+        let e = Bitmaps::open_capped(&img, "disk0", 24 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs 33554432 bytes") && e.contains("cap of 25165824"),
+            "{e}"
+        );
+        drop(img);
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            before,
+            "a refused open writes nothing"
+        );
+    }
+    let img = open(&p, true);
+    let set = Bitmaps::open_capped(&img, "disk0", 32 << 20).unwrap();
+    assert_eq!(set.list().len(), 2, "exactly at the cap is fine");
+}
