@@ -156,8 +156,17 @@ impl BlkDevice {
     /// bitmap transaction is seen by every write recorded after that transaction.
     #[inline]
     pub fn begin_write(&self, offset: u64, len: u64) -> WriteToken {
-        let generation = self.tracker.mark(offset, len);
+        let token = self.mark_write(offset, len);
         self.views.before_write(offset, len);
+        token
+    }
+
+    /// The first half of [`BlkDevice::begin_write`] for callers that do not block: marks
+    /// the bitmaps; the caller then waits for [`crate::snapshot::Views::try_before_write`]
+    /// before the data may reach the disk.
+    #[inline]
+    pub fn mark_write(&self, offset: u64, len: u64) -> WriteToken {
+        let generation = self.tracker.mark(offset, len);
         WriteToken {
             offset,
             len,

@@ -17,6 +17,12 @@ use qcow2::BlockStatus;
 use crate::device::BlkDevice;
 use crate::snapshot::{BrokenView, PitView};
 
+thread_local! {
+    /// A read buffer per NBD worker thread (grows to the largest request, 32 MiB).
+    static ALIGNED: std::cell::RefCell<qcow2::AlignedBuf> =
+        std::cell::RefCell::new(qcow2::AlignedBuf::new(4096));
+}
+
 /// One export of the served disk.
 #[derive(Debug)]
 pub struct DiskExport {
@@ -147,14 +153,25 @@ impl Export for DiskExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match &self.view {
-            Some(v) => v.read(offset, buf).map_err(view_error),
-            None => self
-                .device
-                .image()
-                .read_at(buf, offset)
-                .map_err(engine_error),
+        if let Some(v) = &self.view {
+            return v.read(offset, buf).map_err(view_error);
         }
+        let image = self.device.image();
+        if (buf.as_ptr() as usize).is_multiple_of(qcow2::DIRECT_ALIGN) {
+            return image.read_at(buf, offset).map_err(engine_error);
+        }
+        // The NBD layer's buffer follows its reply header: read through an aligned
+        // buffer, so that an image opened with O_DIRECT is read without the page cache.
+        ALIGNED.with(|a| {
+            let mut a = a.borrow_mut();
+            if a.len() < buf.len() {
+                *a = qcow2::AlignedBuf::new(buf.len().next_power_of_two());
+            }
+            let tmp = &mut a.as_mut_slice()[..buf.len()];
+            image.read_at(tmp, offset).map_err(engine_error)?;
+            buf.copy_from_slice(tmp);
+            Ok(())
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {

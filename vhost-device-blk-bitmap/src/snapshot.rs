@@ -77,7 +77,6 @@ impl Bits {
 }
 
 /// What the view knows of its chunks.
-#[derive(Debug)]
 struct State {
     /// The old contents are in the store (or known to be zeroes).
     preserved: Bits,
@@ -87,6 +86,17 @@ struct State {
     copying: Bits,
     /// Why the view broke.
     broken: Option<String>,
+    /// Writers waiting (without blocking) for copies to finish.
+    wakers: Vec<qcow2::Waker>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("broken", &self.broken)
+            .field("waiting", &self.wakers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The state of one chunk for a reader.
@@ -162,6 +172,7 @@ impl PitView {
                 zero: Bits::new(n),
                 copying: Bits::new(n),
                 broken: None,
+                wakers: Vec::new(),
             }),
             copied: Condvar::new(),
             stored_bytes: AtomicU64::new(0),
@@ -202,6 +213,64 @@ impl PitView {
         offset / self.chunk..end.div_ceil(self.chunk)
     }
 
+    /// Claims the chunks of `range` that nobody preserves or copies yet and returns them
+    /// as runs of consecutive chunks (first, count).
+    fn claim(&self, st: &mut State, range: std::ops::Range<u64>) -> Vec<(u64, u64)> {
+        let mut claimed: Vec<(u64, u64)> = Vec::new();
+        for c in range {
+            if st.preserved.get(c) || st.copying.get(c) {
+                continue;
+            }
+            st.copying.set(c, true);
+            match claimed.last_mut() {
+                Some((s, n)) if *s + *n == c => *n += 1,
+                _ => claimed.push((c, 1)),
+            }
+        }
+        claimed
+    }
+
+    /// Copies a claimed run and publishes the outcome: the chunks are preserved, or the
+    /// view breaks (and its owner is told, once). Wakes every waiting writer.
+    fn copy_and_publish(&self, first: u64, n: u64) {
+        let copied = self.copy_run(first, n);
+        let mut st = self.lock();
+        for c in first..first + n {
+            st.copying.set(c, false);
+        }
+        let mut broke = None;
+        match copied {
+            Ok(zero_chunks) => {
+                for c in first..first + n {
+                    st.preserved.set(c, true);
+                }
+                for c in zero_chunks {
+                    st.zero.set(c, true);
+                }
+            }
+            Err(e) => {
+                let why = format!(
+                    "copy-before-write to the fleecing store in '{}' failed: {e}",
+                    self.dir.display()
+                );
+                if st.broken.is_none() {
+                    broke = Some(why.clone());
+                }
+                st.broken.get_or_insert(why);
+            }
+        }
+        let wakers = std::mem::take(&mut st.wakers);
+        drop(st);
+        self.copied.notify_all();
+        for w in wakers {
+            w();
+        }
+        if let Some(why) = broke {
+            error!("point-in-time view broken: {why}");
+            (self.on_break)(&why);
+        }
+    }
+
     /// Preserves the old contents of `[offset, offset + len)` before a write may change
     /// them: copies the chunks nobody copies yet, then waits for the ones other writers
     /// are copying. Returns at once when the view is broken.
@@ -210,57 +279,15 @@ impl PitView {
         if range.is_empty() {
             return;
         }
-        // Claim what nobody preserves or copies yet, as runs of consecutive chunks.
-        let mut claimed: Vec<(u64, u64)> = Vec::new();
-        {
+        let claimed = {
             let mut st = self.lock();
             if st.broken.is_some() {
                 return;
             }
-            for c in range.clone() {
-                if st.preserved.get(c) || st.copying.get(c) {
-                    continue;
-                }
-                st.copying.set(c, true);
-                match claimed.last_mut() {
-                    Some((s, n)) if *s + *n == c => *n += 1,
-                    _ => claimed.push((c, 1)),
-                }
-            }
-        }
+            self.claim(&mut st, range.clone())
+        };
         for (first, n) in claimed {
-            let copied = self.copy_run(first, n);
-            let mut st = self.lock();
-            for c in first..first + n {
-                st.copying.set(c, false);
-            }
-            match copied {
-                Ok(zero_chunks) => {
-                    for c in first..first + n {
-                        st.preserved.set(c, true);
-                    }
-                    for c in zero_chunks {
-                        st.zero.set(c, true);
-                    }
-                }
-                Err(e) => {
-                    let first_break = st.broken.is_none();
-                    let why = format!(
-                        "copy-before-write to the fleecing store in '{}' failed: {e}",
-                        self.dir.display()
-                    );
-                    st.broken.get_or_insert(why.clone());
-                    drop(st);
-                    self.copied.notify_all();
-                    if first_break {
-                        error!("point-in-time view broken: {why}");
-                        (self.on_break)(&why);
-                    }
-                    return;
-                }
-            }
-            drop(st);
-            self.copied.notify_all();
+            self.copy_and_publish(first, n);
         }
         // Wait for chunks other writers are copying.
         let mut st = self.lock();
@@ -269,12 +296,43 @@ impl PitView {
         }
     }
 
+    /// The non-blocking [`PitView::preserve`]: `true` when `[offset, offset + len)` is
+    /// preserved (or the view broken) and the write may go ahead; else the missing
+    /// chunks are being copied (by `copier`, for those this call claimed) and `waker`
+    /// is called once a copy finished — ask again then.
+    pub fn try_preserve(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        waker: &qcow2::Waker,
+        copier: &Copier,
+    ) -> bool {
+        let range = self.chunks(offset, len);
+        if range.is_empty() {
+            return true;
+        }
+        let claimed = {
+            let mut st = self.lock();
+            if st.broken.is_some() || range.clone().all(|c| st.preserved.get(c)) {
+                return true;
+            }
+            st.wakers.push(waker.clone());
+            self.claim(&mut st, range)
+        };
+        for (first, n) in claimed {
+            copier.submit(self.clone(), first, n);
+        }
+        false
+    }
+
     /// Copies chunks `first..first + n` from the disk into the store; returns the chunks
     /// that read as zeroes (not stored).
     fn copy_run(&self, first: u64, n: u64) -> io::Result<Vec<u64>> {
         let mut zero = Vec::new();
         let per_buf = (COPY_BUFFER as u64 / self.chunk).max(1);
-        let mut buf = vec![0u8; (per_buf * self.chunk) as usize];
+        // Aligned, so that an O_DIRECT disk is read without the page cache.
+        let mut buf = qcow2::AlignedBuf::new((per_buf * self.chunk) as usize);
+        let buf = buf.as_mut_slice();
         let mut c = first;
         while c < first + n {
             let k = per_buf.min(first + n - c);
@@ -405,10 +463,67 @@ fn broken_error(why: &str) -> io::Error {
 #[error("{0}")]
 pub struct BrokenView(String);
 
+/// Copies chunks for writers that do not wait (the io_uring queues): a few threads
+/// started with the first view, so that many first overwrites are copied at once.
+#[derive(Debug)]
+pub struct Copier {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<(Arc<PitView>, u64, u64)>>>,
+}
+
+/// Copy threads of a [`Copier`].
+const COPY_THREADS: usize = 8;
+
+impl Copier {
+    fn new() -> Self {
+        Copier {
+            jobs: Mutex::new(None),
+        }
+    }
+
+    /// Queues the copy of chunks `first..first + n` of `view`.
+    fn submit(&self, view: Arc<PitView>, first: u64, n: u64) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = jobs.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<(Arc<PitView>, u64, u64)>();
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..COPY_THREADS {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("cbw-copy-{i}"))
+                    .spawn(move || loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match job {
+                            Ok((view, first, n)) => view.copy_and_publish(first, n),
+                            Err(_) => return,
+                        }
+                    });
+                if let Err(e) = spawned {
+                    error!("cannot start a copy-before-write thread: {e}");
+                }
+            }
+            tx
+        });
+        if let Err(std::sync::mpsc::SendError((view, first, n))) = tx.send((view, first, n)) {
+            // No thread left: copy here rather than never.
+            view.copy_and_publish(first, n);
+        }
+    }
+}
+
 /// The views a disk's writes must preserve. Writers load the list without a lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Views {
     list: ArcSwap<Vec<Arc<PitView>>>,
+    copier: Copier,
+}
+
+impl Default for Views {
+    fn default() -> Self {
+        Views {
+            list: ArcSwap::from_pointee(Vec::new()),
+            copier: Copier::new(),
+        }
+    }
 }
 
 impl Views {
@@ -447,6 +562,18 @@ impl Views {
         for v in list.iter() {
             v.preserve(offset, len);
         }
+    }
+
+    /// The non-blocking [`Views::before_write`]: `true` when every view preserved the
+    /// range; else copies are under way and `waker` is called when one finishes.
+    #[inline]
+    pub fn try_before_write(&self, offset: u64, len: u64, waker: &qcow2::Waker) -> bool {
+        let list = self.list.load();
+        let mut ready = true;
+        for v in list.iter() {
+            ready &= v.try_preserve(offset, len, waker, &self.copier);
+        }
+        ready
     }
 
     /// Whether any view is active.

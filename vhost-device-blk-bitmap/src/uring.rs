@@ -335,7 +335,7 @@ impl UringQueue {
                 req.account = Some((IoKind::Write, offset, len as u64));
                 // Marked (and preserved for point-in-time views) before the data can
                 // reach the disk, whatever the outcome.
-                req.token = Some(device.begin_write(offset, len as u64));
+                req.token = Some(device.mark_write(offset, len as u64));
                 req.flush_after = device.writethrough();
                 req.op = Op::Write { offset, plan: None };
                 self.try_write(slot, io);
@@ -388,7 +388,7 @@ impl UringQueue {
                             IoKind::WriteZeroes
                         };
                         req.account = Some((kind, offset, len));
-                        req.token = Some(device.begin_write(offset, len));
+                        req.token = Some(device.mark_write(offset, len));
                         req.flush_after = device.writethrough();
                         req.op = Op::Zero {
                             discard,
@@ -463,6 +463,16 @@ impl UringQueue {
             unreachable!("try_write on a non-write")
         };
         let len = seg_len(&req.chain.out);
+        // Point-in-time views first: the old contents are copied (by other threads)
+        // before this write may land; meanwhile it waits here, not the queue.
+        if !self
+            .device
+            .views()
+            .try_before_write(*offset, len as u64, &self.waker)
+        {
+            self.deferred.push_back(slot);
+            return;
+        }
         let mut p = match io.begin_write(*offset, len, &self.waker) {
             Ok(Attempt::Ready(p)) => p,
             Ok(Attempt::Busy) => {
@@ -531,6 +541,15 @@ impl UringQueue {
         else {
             unreachable!("try_zero on a non-zero request")
         };
+        if !*started
+            && !self
+                .device
+                .views()
+                .try_before_write(*offset, *len, &self.waker)
+        {
+            self.deferred.push_back(slot);
+            return;
+        }
         let r = if *discard {
             io.try_discard(*offset, *len, &self.waker)
         } else {

@@ -183,3 +183,41 @@ fn a_full_store_breaks_the_view_not_the_write() {
         "a broken view reads nothing"
     );
 }
+
+#[test]
+fn writers_that_do_not_wait_are_woken_when_their_copies_are_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_with(0x21);
+    let views = Views::default();
+    let (v, _) = view_of(&disk, dir.path());
+    views.add(v.clone());
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx = std::sync::Mutex::new(tx);
+    let waker: qcow2::Waker = Arc::new(move || {
+        let _ = tx.lock().unwrap().send(());
+    });
+    // 40 writers' worth of ranges at once; each asks again when woken.
+    let ranges: Vec<(u64, u64)> = (0..40u64).map(|i| (i * 100_000, 4096)).collect();
+    let mut pending: Vec<(u64, u64)> = ranges
+        .iter()
+        .copied()
+        .filter(|&(o, l)| !views.try_before_write(o, l, &waker))
+        .collect();
+    assert!(
+        !pending.is_empty(),
+        "first overwrites must wait for their copies"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pending.is_empty() {
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a waiting writer was never woken");
+        pending.retain(|&(o, l)| !views.try_before_write(o, l, &waker));
+        assert!(std::time::Instant::now() < deadline);
+    }
+    for (o, l) in ranges {
+        disk.write_at(&vec![0x99; l as usize], o).unwrap();
+    }
+    assert_eq!(read_view(&v, 0, SIZE as usize), vec![0x21; SIZE as usize]);
+    // Preserved ranges are ready at once.
+    assert!(views.try_before_write(0, 4096, &waker));
+}
