@@ -157,7 +157,7 @@ impl Export for DiskExport {
             return v.read(offset, buf).map_err(view_error);
         }
         let image = self.device.image();
-        if (buf.as_ptr() as usize).is_multiple_of(qcow2::DIRECT_ALIGN) {
+        if (buf.as_ptr() as usize) % qcow2::DIRECT_ALIGN == 0 {
             return image.read_at(buf, offset).map_err(engine_error);
         }
         // The NBD layer's buffer follows its reply header: read through an aligned

@@ -467,8 +467,11 @@ pub struct BrokenView(String);
 /// started with the first view, so that many first overwrites are copied at once.
 #[derive(Debug)]
 pub struct Copier {
-    jobs: Mutex<Option<std::sync::mpsc::Sender<(Arc<PitView>, u64, u64)>>>,
+    jobs: Mutex<Option<std::sync::mpsc::Sender<CopyJob>>>,
 }
+
+/// A run of chunks to copy: the view, the first chunk, the count.
+type CopyJob = (Arc<PitView>, u64, u64);
 
 /// Copy threads of a [`Copier`].
 const COPY_THREADS: usize = 8;
@@ -484,7 +487,7 @@ impl Copier {
     fn submit(&self, view: Arc<PitView>, first: u64, n: u64) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let tx = jobs.get_or_insert_with(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<(Arc<PitView>, u64, u64)>();
+            let (tx, rx) = std::sync::mpsc::channel::<CopyJob>();
             let rx = Arc::new(Mutex::new(rx));
             for i in 0..COPY_THREADS {
                 let rx = rx.clone();
