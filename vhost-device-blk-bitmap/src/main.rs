@@ -85,7 +85,7 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         device.clone(),
         bitmaps.clone(),
         config.fleece_dir.clone(),
-        disk.qcow2.as_ref().map_or(64 * 1024, |q| q.cluster_size()),
+        vhost_device_blk_bitmap::snapshot::MIN_CHUNK,
     ));
     if let Some(addr) = &config.nbd {
         exports.start_server(addr, 100)?;

@@ -32,7 +32,7 @@ use log::{error, info};
 use qcow2::{BlockImage, BlockStatus};
 
 /// The smallest unit a view preserves (QEMU's copy-before-write default cluster).
-pub const MIN_CHUNK: u64 = 64 * 1024;
+pub const MIN_CHUNK: u64 = 4096;
 /// At most this many chunks per view: larger disks get larger chunks (bounded memory:
 /// three bits per chunk).
 const MAX_CHUNKS: u64 = 1 << 26;
@@ -316,7 +316,11 @@ impl PitView {
             if st.broken.is_some() || range.clone().all(|c| st.preserved.get(c)) {
                 return true;
             }
-            st.wakers.push(waker.clone());
+            // One registration per waiting queue (its waker is one Arc): a copy wakes
+            // each queue once, whatever the number of its requests that wait.
+            if !st.wakers.iter().any(|w| Arc::ptr_eq(w, waker)) {
+                st.wakers.push(waker.clone());
+            }
             self.claim(&mut st, range)
         };
         for (first, n) in claimed {
@@ -329,7 +333,7 @@ impl PitView {
     /// that read as zeroes (not stored).
     fn copy_run(&self, first: u64, n: u64) -> io::Result<Vec<u64>> {
         let mut zero = Vec::new();
-        let per_buf = (COPY_BUFFER as u64 / self.chunk).max(1);
+        let per_buf = (COPY_BUFFER as u64 / self.chunk).max(1).min(n);
         // Aligned, so that an O_DIRECT disk is read without the page cache.
         let mut buf = qcow2::AlignedBuf::new((per_buf * self.chunk) as usize);
         let buf = buf.as_mut_slice();
