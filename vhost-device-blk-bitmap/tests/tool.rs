@@ -1228,3 +1228,55 @@ fn replay_of_qemu_iotest_qemu_img_bitmaps() {
         qemu_check_clean(img);
     }
 }
+
+/// `check` fails like `qemu-img check` (exit 1, QEMU's text) on images QEMU refuses to open
+/// because of their bitmap directory, instead of checking refcounts and passing.
+#[test]
+fn check_refuses_bitmap_directories_qemu_refuses() {
+    if !have(&["qemu-img"]) {
+        return;
+    }
+    use qcow2::ImageMetadata;
+    let dir = tempfile::tempdir().unwrap();
+    type Patch = fn(&mut [u8], usize);
+    let cases: [(&str, Patch); 4] = [
+        ("flag bit 2", |f, d| f[d + 15] |= 4),
+        ("granularity bits 32", |f, d| f[d + 17] = 32),
+        ("extra data", |f, d| f[d + 23] = 8),
+        ("misaligned table", |f, d| f[d + 6] |= 2),
+    ];
+    for (i, (what, patch)) in cases.iter().enumerate() {
+        let img = dir.path().join(format!("c{i}.qcow2"));
+        qemu_img_create(&img, "64M");
+        qemu_ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+        let doff = {
+            let q = qcow2::Qcow2Image::open(
+                &img,
+                &qcow2::OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let x = q.header_extension(qcow2::EXT_BITMAPS).unwrap();
+            u64::from_be_bytes(x[16..24].try_into().unwrap()) as usize
+        };
+        let mut f = fs::read(&img).unwrap();
+        patch(&mut f, doff);
+        fs::write(&img, &f).unwrap();
+        let theirs = qemu("qemu-img", &["check", s(&img)]);
+        assert_eq!(theirs.code, 1, "{what}: qemu-img check: {}", theirs.stderr);
+        let err = fails(&["check", s(&img)]);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            theirs.stderr.contains(first),
+            "{what}: qemu-img says {:?}, we say {first:?}",
+            theirs.stderr
+        );
+        assert!(
+            first.starts_with(&format!("Could not open '{}': ", s(&img))),
+            "{first}"
+        );
+        assert_eq!(fs::read(&img).unwrap(), f, "{what}: check wrote the image");
+    }
+}

@@ -18,6 +18,14 @@ pub fn run(a: &CheckArgs, out: &mut dyn Write) -> Result<u8, ToolError> {
         Some(RepairArg::All) => Repair::All,
     };
     let opened = open(&a.image, repair != Repair::None)?;
+    // QEMU refuses to open an image whose bitmap directory breaks a constraint, and so
+    // does its check: validate the bitmaps (reading only) first.
+    qcow2_bitmaps::Bitmaps::load_read_only(&opened.image, &a.image.display().to_string()).map_err(
+        |source| ToolError::CheckOpen {
+            path: a.image.clone(),
+            source,
+        },
+    )?;
     let report = check_image(&opened.image, repair).map_err(|source| ToolError::Check {
         path: a.image.clone(),
         source,

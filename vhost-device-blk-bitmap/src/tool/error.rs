@@ -30,6 +30,15 @@ pub enum ToolError {
         /// The engine error.
         source: qcow2::Error,
     },
+    /// `check`: the image cannot be opened the way QEMU would (its bitmap directory
+    /// breaks a constraint); `qemu-img check` fails the same way.
+    #[error("Could not open '{}': {source}", .path.display())]
+    CheckOpen {
+        /// The image path.
+        path: PathBuf,
+        /// Why QEMU would refuse the image.
+        source: qcow2_bitmaps::Error,
+    },
     /// The bitmaps of the image could not be loaded.
     #[error("Could not load the bitmaps of '{}': {source}", .path.display())]
     Load {
@@ -103,7 +112,8 @@ impl ToolError {
             ToolError::Op { source, .. }
             | ToolError::Query(source)
             | ToolError::Store(source)
-            | ToolError::Load { source, .. } => source.hint(),
+            | ToolError::Load { source, .. }
+            | ToolError::CheckOpen { source, .. } => source.hint(),
             _ => None,
         }
     }
