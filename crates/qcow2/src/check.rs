@@ -42,9 +42,27 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     /// End of the last cluster with a reference or a refcount (as QEMU reports it).
     pub image_end_offset: u64,
+    /// Problem lines not kept in `messages` (over the cap).
+    pub omitted: u64,
+    /// Leaks of clusters inside the file (QEMU's check stops at the end of the file; ours
+    /// also counts refcounts of clusters past it, e.g. allocated but never written).
+    pub leaks_in_file: u64,
 }
 
+/// At most this many problem lines are kept (a hostile image can have a problem per
+/// cluster); the rest are counted in one last line.
+const MAX_MESSAGES: usize = 1000;
+
 impl CheckReport {
+    /// Records a problem line, bounded by [`MAX_MESSAGES`].
+    fn note(&mut self, msg: String) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg);
+        } else {
+            self.omitted += 1;
+        }
+    }
+
     /// No corruption and no leak left.
     pub fn is_clean(&self) -> bool {
         self.corruptions == self.corruptions_fixed && self.leaks == self.leaks_fixed
@@ -94,7 +112,7 @@ impl Counter<'_> {
         let end = off.saturating_add(len);
         if end > self.file_len.next_multiple_of(self.cs) {
             self.report.corruptions += 1;
-            self.report.messages.push(format!(
+            self.report.note(format!(
                 "ERROR {what} at {off:#x} (+{len}) is past the end of the image file"
             ));
             return;
@@ -107,7 +125,7 @@ impl Counter<'_> {
     fn aligned(&mut self, what: &str, off: u64) -> bool {
         if !off.is_multiple_of(self.cs) {
             self.report.corruptions += 1;
-            self.report.messages.push(format!(
+            self.report.note(format!(
                 "ERROR {what} offset={off:#x}: not aligned to a cluster"
             ));
             return false;
@@ -121,15 +139,8 @@ fn be64s(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
         .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
 }
 
-/// Counts an L1 table and everything below it. Returns the (L2 offset, copied flag)
-/// and (data offset, copied flag) pairs of the active table for the COPIED check.
-fn count_l1(
-    m: &Meta,
-    cnt: &mut Counter<'_>,
-    l1: &[u64],
-    active: bool,
-    copied: &mut Vec<(u64, bool, String)>,
-) -> Result<()> {
+/// Counts an L1 table and everything below it.
+fn count_l1(m: &Meta, cnt: &mut Counter<'_>, l1: &[u64]) -> Result<()> {
     let cs = cnt.cs;
     for (i, &e) in l1.iter().enumerate() {
         let l2_off = e & OFFSET_MASK;
@@ -139,23 +150,19 @@ fn count_l1(
         if e & L1E_RESERVED != 0 {
             cnt.report.corruptions += 1;
             cnt.report
-                .messages
-                .push(format!("ERROR L1 entry {i} has reserved bits set: {e:#x}"));
+                .note(format!("ERROR L1 entry {i} has reserved bits set: {e:#x}"));
             continue;
         }
         if !cnt.aligned("L2 table", l2_off) || l2_off + cs > cnt.file_len {
             if l2_off + cs > cnt.file_len {
                 cnt.report.corruptions += 1;
-                cnt.report.messages.push(format!(
+                cnt.report.note(format!(
                     "ERROR L2 table at {l2_off:#x} is past the end of the file"
                 ));
             }
             continue;
         }
         cnt.add("L2 table", l2_off, cs);
-        if active {
-            copied.push((l2_off, e & COPIED != 0, format!("L2 cluster l1_index={i}")));
-        }
         let l2 = read_exact_at(&*m.storage, l2_off, cs as usize)?;
         for (j, e2) in be64s(&l2).enumerate() {
             if e2 & COMPRESSED != 0 {
@@ -165,7 +172,7 @@ fn count_l1(
             }
             if e2 & L2E_RESERVED != 0 {
                 cnt.report.corruptions += 1;
-                cnt.report.messages.push(format!(
+                cnt.report.note(format!(
                     "ERROR L2 entry l1_index={i} l2_index={j} has reserved bits set: {e2:#x}"
                 ));
                 continue;
@@ -178,11 +185,48 @@ fn count_l1(
                 continue;
             }
             cnt.add("data cluster", off, cs);
-            if active {
-                copied.push((
-                    off,
-                    e2 & COPIED != 0,
-                    format!("data cluster l2_entry={e2:#x}"),
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's OFLAG_COPIED check of the active L1 and L2 tables against the refcounts.
+fn check_copied(m: &mut Meta, l1: &[u64], report: &mut CheckReport) -> Result<()> {
+    let cs = m.cluster_size();
+    let file_len = m
+        .storage
+        .len()
+        .map_err(|e| Error::io("reading the image size", e))?;
+    for (i, &e) in l1.iter().enumerate() {
+        let l2_off = e & OFFSET_MASK;
+        if l2_off == 0
+            || e & L1E_RESERVED != 0
+            || !l2_off.is_multiple_of(cs)
+            || l2_off.saturating_add(cs) > file_len
+        {
+            continue;
+        }
+        let rc = m.refcount(l2_off / cs)?;
+        if (rc == 1) != (e & COPIED != 0) {
+            report.corruptions += 1;
+            report.note(format!(
+                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+            ));
+        }
+        let l2 = read_exact_at(&*m.storage, l2_off, cs as usize)?;
+        for e2 in be64s(&l2) {
+            let off = e2 & OFFSET_MASK;
+            if e2 & COMPRESSED != 0 || e2 & L2E_RESERVED != 0 || off == 0 {
+                continue;
+            }
+            if !off.is_multiple_of(cs) {
+                continue;
+            }
+            let rc = m.refcount(off / cs)?;
+            if (rc == 1) != (e2 & COPIED != 0) {
+                report.corruptions += 1;
+                report.note(format!(
+                    "ERROR OFLAG_COPIED data cluster: l2_entry={e2:x} refcount={rc}"
                 ));
             }
         }
@@ -213,7 +257,7 @@ fn count_snapshots(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
             if l1_off + u64::from(l1_size) * 8 <= cnt.file_len {
                 let l1: Vec<u64> =
                     be64s(&read_exact_at(&*m.storage, l1_off, l1_size as usize * 8)?).collect();
-                count_l1(m, cnt, &l1, false, &mut Vec::new())?;
+                count_l1(m, cnt, &l1)?;
             }
         }
         pos +=
@@ -245,8 +289,7 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
     {
         cnt.report.corruptions += 1;
         cnt.report
-            .messages
-            .push("ERROR bitmap extension is invalid".to_string());
+            .note("ERROR bitmap extension is invalid".to_string());
         return Ok(());
     }
     cnt.add("bitmap directory", dir_off, dir_size);
@@ -256,8 +299,7 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
         if pos + 24 > dir.len() {
             cnt.report.corruptions += 1;
             cnt.report
-                .messages
-                .push("ERROR bitmap directory is truncated".into());
+                .note("ERROR bitmap directory is truncated".into());
             return Ok(());
         }
         let e = &dir[pos..];
@@ -280,8 +322,7 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
             if t & 0xff00_0000_0000_01fe != 0 || (off != 0 && t & 1 != 0) {
                 cnt.report.corruptions += 1;
                 cnt.report
-                    .messages
-                    .push(format!("ERROR bitmap table entry {t:#x} is invalid"));
+                    .note(format!("ERROR bitmap table entry {t:#x} is invalid"));
                 continue;
             }
             if off != 0 && cnt.aligned("bitmap data cluster", off) {
@@ -330,16 +371,14 @@ pub(crate) fn check_metadata(m: &mut Meta, repair: Repair) -> Result<CheckReport
             if off + cs > file_len {
                 cnt.report.corruptions += 1;
                 cnt.report
-                    .messages
-                    .push(format!("ERROR refcount block {i} is outside image"));
+                    .note(format!("ERROR refcount block {i} is outside image"));
             } else {
                 cnt.add("refcount block", off, cs);
             }
         }
     }
-    let mut copied = Vec::new();
     let l1 = m.l1.clone();
-    count_l1(m, &mut cnt, &l1, true, &mut copied)?;
+    count_l1(m, &mut cnt, &l1)?;
     count_snapshots(m, &mut cnt)?;
     count_bitmaps(m, &mut cnt)?;
     let refs = std::mem::take(&mut cnt.refs);
@@ -371,48 +410,33 @@ pub(crate) fn check_metadata(m: &mut Meta, repair: Repair) -> Result<CheckReport
         }
         if have > want {
             report.leaks += 1;
-            report.messages.push(format!(
+            if c < nclusters {
+                report.leaks_in_file += 1;
+            }
+            report.note(format!(
                 "Leaked cluster {c} refcount={have} reference={want}"
             ));
             if repair != Repair::None {
-                for _ in want..have {
-                    m.update_refcounts(c, 1, -1)?;
-                }
+                // One store, whatever the difference (64-bit refcounts can be huge).
+                m.set_refcount_to(c, want)?;
                 report.leaks_fixed += 1;
             }
         } else {
             report.corruptions += 1;
-            report.messages.push(format!(
+            report.note(format!(
                 "ERROR cluster {c} refcount={have} reference={want}"
             ));
             if repair == Repair::All {
-                for _ in have..want {
-                    match m.update_refcounts(c, 1, 1) {
-                        Ok(()) => {}
-                        Err(e) => {
-                            report
-                                .messages
-                                .push(format!("cannot repair cluster {c}: {e}"));
-                            break;
-                        }
-                    }
-                }
-                if m.refcount(c)? == want {
-                    report.corruptions_fixed += 1;
+                match m.set_refcount_to(c, want) {
+                    Ok(()) => report.corruptions_fixed += 1,
+                    Err(e) => report.note(format!("cannot repair cluster {c}: {e}")),
                 }
             }
         }
     }
-    // The COPIED flag must be set exactly when the refcount is one.
-    for (off, flag, what) in copied {
-        let rc = m.refcount(off / cs)?;
-        if (rc == 1) != flag {
-            report.corruptions += 1;
-            report
-                .messages
-                .push(format!("ERROR OFLAG_COPIED {what}: refcount={rc}"));
-        }
-    }
+    // The COPIED flag must be set exactly when the refcount is one (a second pass over
+    // the active tables, so that memory does not grow with the number of clusters).
+    check_copied(m, &l1, &mut report)?;
     if repair != Repair::None {
         m.write_refblocks()?;
         m.sync()?;
@@ -420,5 +444,11 @@ pub(crate) fn check_metadata(m: &mut Meta, repair: Repair) -> Result<CheckReport
     }
     report.allocated_clusters = allocated;
     report.image_end_offset = end;
+    if report.omitted > 0 {
+        let n = report.omitted;
+        report
+            .messages
+            .push(format!("... and {n} more problems of the kinds above"));
+    }
     Ok(report)
 }

@@ -222,6 +222,15 @@ impl Meta {
         Ok(())
     }
 
+    /// Sets the refcount of `cluster` to `val` in one store (repairs).
+    pub fn set_refcount_to(&mut self, cluster: u64, val: u64) -> Result<()> {
+        self.set_refcount(cluster, val)?;
+        if val == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(())
+    }
+
     /// Adds `delta` (+1 or -1) to the refcount of `count` clusters from `cluster`.
     pub fn update_refcounts(&mut self, cluster: u64, count: u64, delta: i64) -> Result<()> {
         for c in cluster..cluster + count {
