@@ -254,7 +254,7 @@ fn count_snapshots(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
         }
         if cnt.aligned("snapshot L1 table", l1_off) {
             cnt.add("snapshot L1 table", l1_off, u64::from(l1_size) * 8);
-            if l1_off + u64::from(l1_size) * 8 <= cnt.file_len {
+            if l1_off.saturating_add(u64::from(l1_size) * 8) <= cnt.file_len {
                 let l1: Vec<u64> =
                     be64s(&read_exact_at(&*m.storage, l1_off, l1_size as usize * 8)?).collect();
                 count_l1(m, cnt, &l1)?;
@@ -284,7 +284,7 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
     let dir_size = u64::from_be_bytes(ext[8..16].try_into().unwrap());
     let dir_off = u64::from_be_bytes(ext[16..24].try_into().unwrap());
     if dir_size > 1024 * 65535
-        || dir_off + dir_size > cnt.file_len
+        || dir_off.saturating_add(dir_size) > cnt.file_len
         || !cnt.aligned("bitmap directory", dir_off)
     {
         cnt.report.corruptions += 1;
@@ -313,7 +313,7 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
         }
         let tbytes = u64::from(table_size) * 8;
         cnt.add("bitmap table", table_off, tbytes);
-        if table_off + tbytes > cnt.file_len {
+        if table_off.saturating_add(tbytes) > cnt.file_len {
             continue;
         }
         let table = read_exact_at(&*m.storage, table_off, tbytes as usize)?;
