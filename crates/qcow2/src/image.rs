@@ -810,6 +810,7 @@ impl Qcow2Image {
                         run += 1;
                     }
                     let host = m.alloc_clusters(run)? * cs;
+                    m.check_fresh(host, run * cs)?;
                     for i in 0..run {
                         m.inflight.insert(gc + i);
                         plan.allocations.push(Allocation {
@@ -828,7 +829,11 @@ impl Qcow2Image {
                             m.check_data_cluster(h)?;
                             (h.0, false)
                         }
-                        _ => (m.alloc_clusters(1)? * cs, true),
+                        _ => {
+                            let host = m.alloc_clusters(1)? * cs;
+                            m.check_fresh(host, cs)?;
+                            (host, true)
+                        }
                     };
                     m.inflight.insert(gc);
                     plan.allocations.push(Allocation {

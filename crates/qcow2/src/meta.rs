@@ -661,6 +661,7 @@ impl Meta {
                 self.load_l2(old)?;
                 let data: Box<[u8]> = self.l2_cache.get(old).unwrap().into();
                 let new = HostOffset(self.alloc_clusters(1)? * self.cluster_size());
+                self.check_fresh(new.0, self.cluster_size())?;
                 self.insert_l2(new, data)?;
                 self.queue_free(old.0 / self.cluster_size(), 1);
                 self.set_l1(l1_index, new.0 | COPIED);
@@ -668,6 +669,7 @@ impl Meta {
             }
             None => {
                 let new = HostOffset(self.alloc_clusters(1)? * self.cluster_size());
+                self.check_fresh(new.0, self.cluster_size())?;
                 let data = vec![0u8; self.cluster_size() as usize].into_boxed_slice();
                 self.insert_l2(new, data)?;
                 self.set_l1(l1_index, new.0 | COPIED);
@@ -791,6 +793,20 @@ impl Meta {
         if !self.data_cluster_ok(h) {
             return Err(self.corrupt(format!(
                 "data cluster at {h} overlaps the header, L1 table or refcount table"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks clusters just allocated (for guest data or a new L2 table) against every
+    /// metadata structure, as QEMU's overlap check does before a write: a crafted image
+    /// whose refcounts call its own metadata free would otherwise get it overwritten.
+    /// On a hit the image is marked corrupt.
+    pub fn check_fresh(&mut self, off: u64, len: u64) -> Result<()> {
+        if let Err(Error::Overlap { what, .. }) = self.overlap_check(off, len) {
+            return Err(self.corrupt(format!(
+                "Preventing invalid allocation of {len} bytes at {off:#x}: it overlaps {what} \
+                 (its refcount says free)"
             )));
         }
         Ok(())

@@ -815,3 +815,50 @@ fn huge_refcounts_and_many_problems_are_repaired_in_bounded_time_and_memory() {
     assert!(again.is_clean(), "{again}");
     common::assert_clean(&p);
 }
+
+/// An image whose refcounts call its L2 table free: the next allocating write would get
+/// that cluster; the overlap check refuses it (image marked corrupt) instead of letting
+/// guest data overwrite the table.
+#[test]
+fn allocation_never_hands_out_a_cluster_of_live_metadata() {
+    if !common::require_tool("qemu-img") || !common::require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    common::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"],
+    );
+    common::qemu_io(&p, "qcow2", &["write -P 1 0 64k".to_string()]);
+    let mut f = std::fs::read(&p).unwrap();
+    let cs = 65536usize;
+    let l1 = u64::from_be_bytes(f[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(f[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let rt = u64::from_be_bytes(f[48..56].try_into().unwrap()) as usize;
+    let rb = u64::from_be_bytes(f[rt..rt + 8].try_into().unwrap()) as usize;
+    // 16-bit refcounts: the L2 table's cluster now reads as free.
+    let idx = rb + 2 * (l2 / cs);
+    f[idx..idx + 2].copy_from_slice(&0u16.to_be_bytes());
+    std::fs::write(&p, &f).unwrap();
+    let l2_before = f[l2..l2 + cs].to_vec();
+    let img = Qcow2Image::open(&p, &OpenOptions::default()).unwrap();
+    // Allocate guest clusters until one would land on the table (the lowest free one).
+    let mut refused = None;
+    for i in 1..8u64 {
+        if let Err(e) = img.write_at(&[0xee; 65536], i << 20) {
+            refused = Some(e.to_string());
+            break;
+        }
+    }
+    drop(img);
+    let e = refused.expect("an allocation landed on the L2 table without error");
+    assert!(e.contains("overlaps an active L2 table"), "{e}");
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        &after[l2..l2 + cs],
+        &l2_before[..],
+        "the L2 table was overwritten"
+    );
+}
