@@ -284,9 +284,14 @@ impl PersistentBitmaps {
         if !*owed {
             return Ok(());
         }
-        // Whatever happens, do not retry on drop: a failure is reported by the caller.
         *owed = false;
-        self.store_locked()
+        let stored = self.store_locked();
+        if stored.is_err() {
+            // Still owed: the next stop (or the daemon's exit) tries again, and an exit
+            // that could not store them fails and names them.
+            *owed = true;
+        }
+        stored
     }
 
     fn store_locked(&self) -> Result<(), BitmapError> {

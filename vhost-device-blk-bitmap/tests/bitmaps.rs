@@ -552,3 +552,109 @@ fn read_only_and_raw_images() {
         "{log}"
     );
 }
+
+/// The file system under the image fills up while a VM is attached: the store at the
+/// disconnect fails. If space comes back before the stop, the stop stores the bitmaps
+/// (exit 0, clean bitmap); if not, SIGTERM exits non-zero naming the image and the
+/// bitmap, and QEMU sees the bitmap in-use (inconsistent), with no corruption.
+#[test]
+fn a_failed_store_is_retried_at_the_stop_and_a_lost_bitmap_fails_the_exit() {
+    use std::process::{Command, Stdio};
+    struct Mount(std::path::PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    for space_back in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("small");
+        std::fs::create_dir(&mnt).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "mounting a small tmpfs failed under CI=true"
+            );
+            eprintln!("note: cannot mount a tmpfs, test skipped");
+            return;
+        }
+        let _m = Mount(mnt.clone());
+        let img = mnt.join("disk.qcow2");
+        let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
+        ok(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("64M"));
+        ok(Command::new(common::BIN)
+            .args(["bitmap", "add"])
+            .arg(&img)
+            .args(["b0", "-g", "64K"]));
+        let socket = dir.path().join("vhost.sock");
+        let mut child = common::spawn(&socket, &img, &["--format", "qcow2"]);
+        common::wait_for_socket(&mut child, &socket);
+        let mut d = common::Driver::connect(&socket, 1);
+        d.write_data(0, &[0x42; 65536]);
+        for i in 0..8u64 {
+            assert_eq!(d.request(0, 1, i * 2048, Some((65536, false))).0, 0);
+        }
+        // Fill what is left of the file system; the store at the disconnect fails.
+        let filler = mnt.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xffu8; 4096];
+        while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+        drop(f);
+        drop(d);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        if space_back {
+            std::fs::remove_file(&filler).unwrap();
+        }
+        // SAFETY: kill only sends a signal to the child we spawned.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let st = child.wait().unwrap();
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+        assert!(
+            log.contains("could not store the persistent bitmaps") && log.contains("b0"),
+            "the failed store at the disconnect is reported: {log}"
+        );
+        if !space_back {
+            assert!(
+                !st.success(),
+                "exit status {st} after losing the bitmaps:\n{log}"
+            );
+            std::fs::remove_file(&filler).unwrap();
+        }
+        let out = Command::new("qemu-img")
+            .args(["check", "--output=json"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{v}");
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&info.stdout);
+        if space_back {
+            assert!(
+                st.success(),
+                "exit status {st} although the retry could store:\n{log}"
+            );
+            assert!(!text.contains("in-use"), "stored at the stop: {text}");
+            assert!(text.contains("\"b0\""), "{text}");
+        } else {
+            assert!(
+                text.contains("in-use"),
+                "the lost bitmap must be flagged in-use: {text}"
+            );
+        }
+    }
+}
