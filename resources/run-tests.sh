@@ -38,6 +38,7 @@ command -v flock >/dev/null || need+=(util-linux)
 # The NBD interop tests use libnbd's tools (nbdinfo, nbdcopy) and its python binding.
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v apt-get >/dev/null || die "this script expects a Debian 12 host"
 ((${#need[@]} == 0)) || apt_install "${need[@]}"
 

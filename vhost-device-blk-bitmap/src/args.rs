@@ -73,8 +73,14 @@ pub enum BackingArg {
 #[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServeArgs {
     /// Location of the vhost-user Unix domain socket (created; a stale one is replaced).
+    /// Not needed with --socket-fd or under systemd socket activation (LISTEN_FDS).
     #[arg(short = 's', long, value_name = "SOCKET")]
     pub socket_path: Option<PathBuf>,
+
+    /// Serve on an already listening unix stream socket inherited as this file
+    /// descriptor (3 or more) instead of creating --socket-path; it is never unlinked.
+    #[arg(long, value_name = "FD")]
+    pub socket_fd: Option<i32>,
 
     /// Mode of the vhost-user socket, octal (default 0600: whoever can connect gets the
     /// whole disk).

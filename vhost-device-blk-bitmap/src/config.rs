@@ -1,6 +1,7 @@
 //! Validated daemon configuration, built from the command line with `TryFrom`.
 
-use std::path::PathBuf;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 
 use crate::args::{AioArg, FormatArg, ServeArgs};
 use crate::disk::ImageFormat;
@@ -41,11 +42,63 @@ pub enum Aio {
     Threads,
 }
 
+/// Where the vhost-user socket comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VhostSocket {
+    /// `--socket-path`: created with mode 0600 (or `--socket-mode`), removed at exit if
+    /// it is still ours.
+    Path(PathBuf),
+    /// An already listening unix stream socket inherited as a descriptor (`--socket-fd`
+    /// or socket activation): served as it is, never chmod-ed nor unlinked (it belongs to
+    /// whoever created it).
+    Inherited(InheritedSocket),
+}
+
+/// A listening socket we were given (checked: an open `AF_UNIX` `SOCK_STREAM` socket in
+/// listening state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InheritedSocket {
+    /// The descriptor; the server takes ownership of it when it starts.
+    pub fd: RawFd,
+    /// Passed by socket activation (`LISTEN_FDS`) rather than `--socket-fd`.
+    pub activated: bool,
+    /// Its `LISTEN_FDNAMES` name, if any.
+    pub name: Option<String>,
+    /// The address it is bound to (a path, or `@name` in the abstract namespace).
+    pub address: Option<PathBuf>,
+}
+
+impl VhostSocket {
+    /// The socket's path, if it has one on the file system.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            VhostSocket::Path(p) => Some(p),
+            VhostSocket::Inherited(i) => i
+                .address
+                .as_deref()
+                .filter(|a| !a.as_os_str().as_encoded_bytes().starts_with(b"@")),
+        }
+    }
+}
+
+impl std::fmt::Display for VhostSocket {
+    /// The path (or `@name`), else `fd N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VhostSocket::Path(p) => write!(f, "{}", p.display()),
+            VhostSocket::Inherited(InheritedSocket {
+                address: Some(a), ..
+            }) => write!(f, "{}", a.display()),
+            VhostSocket::Inherited(i) => write!(f, "fd {}", i.fd),
+        }
+    }
+}
+
 /// Everything the daemon needs to serve, already checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Socket to listen on.
-    pub socket_path: PathBuf,
+    pub socket: VhostSocket,
     /// Image path.
     pub image: PathBuf,
     /// Image format, `None` = probe.
@@ -187,13 +240,85 @@ pub fn parse_bitmap(s: &str) -> Result<BitmapSpec, ConfigError> {
     })
 }
 
+/// Which vhost-user socket to serve: `--socket-path`, `--socket-fd` or the socket passed
+/// by socket activation; exactly one of them. Inherited descriptors are checked here.
+fn vhost_socket(
+    a: &ServeArgs,
+    activation: Option<&crate::systemd::Activation>,
+) -> Result<VhostSocket, ConfigError> {
+    let inherited = |fd: RawFd, activated, name: Option<&str>| {
+        let what = if activated {
+            "socket activation (LISTEN_FDS)".to_string()
+        } else {
+            format!("--socket-fd {fd}")
+        };
+        let address = crate::systemd::check_listening_unix_socket(fd).map_err(|e| {
+            bad(format!(
+                "{what}: {e}; expected a listening unix stream socket"
+            ))
+        })?;
+        if a.socket_mode.is_some() || a.socket_group.is_some() {
+            return Err(bad(format!(
+                "--socket-mode/--socket-group cannot be used with {what}: whoever created \
+                 the socket sets its mode and group (SocketMode=, SocketGroup= in a .socket unit)"
+            )));
+        }
+        Ok(VhostSocket::Inherited(InheritedSocket {
+            fd,
+            activated,
+            name: name.map(str::to_owned),
+            address,
+        }))
+    };
+    match (&a.socket_path, a.socket_fd, activation) {
+        (Some(_), Some(_), _) => Err(bad("--socket-path and --socket-fd cannot be used together")),
+        (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
+            let opt = if a.socket_fd.is_some() {
+                "--socket-fd"
+            } else {
+                "--socket-path"
+            };
+            Err(bad(format!(
+                "socket activation passed a socket (LISTEN_FDS) and {opt} was given: leave \
+                 {opt} out, the activated socket is served"
+            )))
+        }
+        (Some(p), None, None) => Ok(VhostSocket::Path(p.clone())),
+        (None, Some(fd), None) => {
+            if fd < crate::systemd::LISTEN_FDS_START {
+                return Err(bad(format!(
+                    "--socket-fd {fd}: must be 3 or more (0, 1 and 2 are stdin, stdout and stderr)"
+                )));
+            }
+            inherited(fd, false, None)
+        }
+        (None, None, Some(act)) => {
+            let (fd, name) = act.vhost_user_socket();
+            inherited(fd, true, name)
+        }
+        (None, None, None) => Err(bad(
+            "--socket-path is required (or --socket-fd, or systemd socket activation)",
+        )),
+    }
+}
+
 impl TryFrom<ServeArgs> for Config {
     type Error = ConfigError;
 
+    /// The configuration without socket activation (see [`Config::from_args`]).
     fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
-        let socket_path = a
-            .socket_path
-            .ok_or_else(|| bad("--socket-path is required"))?;
+        Config::from_args(a, None)
+    }
+}
+
+impl Config {
+    /// Checks the command line; `activation` is what socket activation passed (see
+    /// [`crate::systemd::take_activation`]), whose socket then replaces `--socket-path`.
+    pub fn from_args(
+        a: ServeArgs,
+        activation: Option<&crate::systemd::Activation>,
+    ) -> Result<Self, ConfigError> {
+        let socket = vhost_socket(&a, activation)?;
         let image = a.image.ok_or_else(|| bad("--image is required"))?;
         if a.num_queues == 0 || a.num_queues > MAX_QUEUES {
             return Err(bad(format!(
@@ -257,7 +382,7 @@ impl TryFrom<ServeArgs> for Config {
                 return Err(bad("--nbd-socket and --nbd-listen cannot be used together"))
             }
             (Some(p), None) => {
-                if same_file(p, &image) || same_file(p, &socket_path) {
+                if same_file(p, &image) || socket.path().is_some_and(|s| same_file(p, s)) {
                     return Err(bad(format!(
                         "--nbd-socket '{}' names the image or the vhost-user socket",
                         p.display()
@@ -303,14 +428,16 @@ impl TryFrom<ServeArgs> for Config {
             allocation_depth: true,
             snapshot: false,
         };
-        if same_file(&socket_path, &image) {
-            return Err(bad(format!(
-                "--socket-path '{}' is the image: the socket would replace it",
-                socket_path.display()
-            )));
+        if let VhostSocket::Path(p) = &socket {
+            if same_file(p, &image) {
+                return Err(bad(format!(
+                    "--socket-path '{}' is the image: the socket would replace it",
+                    p.display()
+                )));
+            }
         }
         Ok(Config {
-            socket_path,
+            socket,
             image,
             format: a.format.map(|f| match f {
                 FormatArg::Qcow2 => ImageFormat::Qcow2,
@@ -445,7 +572,7 @@ mod tests {
     #[test]
     fn defaults() {
         let c = cfg(&[]).unwrap();
-        assert_eq!(c.socket_path, PathBuf::from("/tmp/s.sock"));
+        assert_eq!(c.socket, VhostSocket::Path("/tmp/s.sock".into()));
         assert_eq!(c.image, PathBuf::from("/tmp/i"));
         assert_eq!(c.format, None);
         assert!(!c.read_only && !c.direct && c.writeback);
@@ -678,12 +805,109 @@ mod tests {
         let cli = Cli::try_parse_from(["x", "--image", "/i"]).unwrap();
         assert_eq!(
             Config::try_from(cli.serve).unwrap_err().to_string(),
-            "--socket-path is required"
+            "--socket-path is required (or --socket-fd, or systemd socket activation)"
         );
         let cli = Cli::try_parse_from(["x", "-s", "/s"]).unwrap();
         assert_eq!(
             Config::try_from(cli.serve).unwrap_err().to_string(),
             "--image is required"
+        );
+    }
+
+    /// `--socket-fd` and socket activation: one listening unix stream socket, exactly
+    /// one source, no mode or group of ours.
+    #[test]
+    fn inherited_sockets() {
+        use crate::systemd::Activation;
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd = listener.as_raw_fd();
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["x", "--image", "/tmp/i"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().serve
+        };
+        let fd_arg = fd.to_string();
+        let c = Config::try_from(args(&["--socket-fd", &fd_arg])).unwrap();
+        let want = InheritedSocket {
+            fd,
+            activated: false,
+            name: None,
+            address: Some(path.clone()),
+        };
+        assert_eq!(c.socket, VhostSocket::Inherited(want.clone()));
+        assert_eq!(c.socket.path(), Some(path.as_path()));
+        assert_eq!(c.socket.to_string(), path.display().to_string());
+
+        let act = Activation {
+            fds: vec![(fd, Some("vhost-user".into()))],
+        };
+        let c = Config::from_args(args(&[]), Some(&act)).unwrap();
+        assert_eq!(
+            c.socket,
+            VhostSocket::Inherited(InheritedSocket {
+                activated: true,
+                name: Some("vhost-user".into()),
+                ..want
+            })
+        );
+
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let file_arg = file.as_raw_fd().to_string();
+        let cases: &[(&[&str], bool, &str)] = &[
+            (
+                &["--socket-fd", &fd_arg, "-s", "/tmp/s"],
+                false,
+                "--socket-path and --socket-fd cannot be used together",
+            ),
+            (
+                &["--socket-fd", "2"],
+                false,
+                "--socket-fd 2: must be 3 or more",
+            ),
+            (
+                &["--socket-fd", &file_arg],
+                false,
+                &format!("--socket-fd {file_arg}: fd {file_arg} is not a socket; expected a listening unix stream socket"),
+            ),
+            (
+                &["--socket-fd", "999999"],
+                false,
+                "fd 999999 is not open",
+            ),
+            (
+                &["--socket-fd", &fd_arg, "--socket-mode", "0660"],
+                false,
+                "--socket-mode/--socket-group cannot be used with --socket-fd",
+            ),
+            (
+                &["-s", "/tmp/s"],
+                true,
+                "socket activation passed a socket (LISTEN_FDS) and --socket-path was given",
+            ),
+            (
+                &["--socket-fd", &fd_arg],
+                true,
+                "and --socket-fd was given",
+            ),
+        ];
+        for (extra, activated, want) in cases {
+            let e = Config::from_args(args(extra), activated.then_some(&act))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let not_a_socket = Activation {
+            fds: vec![(file.as_raw_fd(), None)],
+        };
+        let e = Config::from_args(args(&[]), Some(&not_a_socket))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("socket activation (LISTEN_FDS): fd ") && e.contains("is not a socket"),
+            "{e}"
         );
     }
 

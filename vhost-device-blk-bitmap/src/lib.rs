@@ -20,6 +20,7 @@ pub mod nbd_export;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+pub mod systemd;
 pub mod tool;
 pub mod tracker;
 pub mod transport;

@@ -7,14 +7,15 @@ use clap::Parser;
 use log::error;
 use vhost_device_blk_bitmap::args::{Cli, Command};
 use vhost_device_blk_bitmap::bitmaps::{PersistentBitmaps, Trackers};
-use vhost_device_blk_bitmap::config::Config;
+use vhost_device_blk_bitmap::config::{Config, VhostSocket};
 use vhost_device_blk_bitmap::control::{Control, ControlHandler};
 use vhost_device_blk_bitmap::device::BlkDevice;
 use vhost_device_blk_bitmap::disk::{open_disk, DiskOptions, ImageFormat, OpenedDisk};
 use vhost_device_blk_bitmap::exports::Exports;
 use vhost_device_blk_bitmap::server::{
-    handle_termination_signals, Server, ServerConfig, StopHandle,
+    handle_termination_signals, Server, ServerConfig, ServerEvent, StopHandle,
 };
+use vhost_device_blk_bitmap::systemd;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -22,14 +23,37 @@ fn main() -> ExitCode {
     if let Some(command) = cli.command {
         return ExitCode::from(run_tool(&command));
     }
-    let config = match Config::try_from(cli.serve) {
+    // Both read (and remove) environment variables: before any thread starts.
+    let activation = match systemd::take_activation() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let notifier = match systemd::Notifier::from_env() {
+        Ok(n) => n.map(Arc::new),
+        Err(e) => {
+            log::warn!("{e}; the service manager will not be notified");
+            None
+        }
+    };
+    let config = match Config::from_args(cli.serve, activation.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    match serve(config) {
+    if let Some(a) = &activation {
+        let (fd, name) = a.vhost_user_socket();
+        log::info!(
+            "socket activation: serving fd {fd}{} ({} descriptor(s) passed)",
+            name.map(|n| format!(" named '{n}'")).unwrap_or_default(),
+            a.fds.len()
+        );
+    }
+    match serve(config, notifier) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -49,8 +73,23 @@ fn run_tool(command: &Command) -> u8 {
     }
 }
 
-fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+fn serve(
+    config: Config,
+    notifier: Option<Arc<systemd::Notifier>>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let stop = StopHandle::new()?;
+    if let Some(n) = &notifier {
+        let n = n.clone();
+        stop.on_stop(move || n.notify_or_warn("STOPPING=1\nSTATUS=stopping"));
+    }
+    // Taken before anything else can open a descriptor: the listener owns it from here.
+    let inherited = match &config.socket {
+        VhostSocket::Path(_) => None,
+        // SAFETY: the descriptor was passed to this process (--socket-fd or socket
+        // activation), checked by `Config` to be a listening unix socket, and nothing else
+        // in the process refers to it; `serve` runs once, so it is taken only here.
+        VhostSocket::Inherited(i) => Some(unsafe { systemd::take_listener(i.fd) }?),
+    };
     handle_termination_signals(stop.clone())?;
     let disk = open_disk(&DiskOptions {
         path: config.image.clone(),
@@ -62,13 +101,16 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         known_autoclear: qcow2::AUTOCLEAR_BITMAPS,
         backing: config.backing,
     })?;
-    for b in &disk.backing_locks {
-        if vhost_device_blk_bitmap::config::same_file(&config.socket_path, b.path()) {
-            return Err(format!(
-                "--socket-path '{}' is a backing file of the image: the socket would replace it",
-                config.socket_path.display()
-            )
-            .into());
+    if let VhostSocket::Path(socket_path) = &config.socket {
+        for b in &disk.backing_locks {
+            if vhost_device_blk_bitmap::config::same_file(socket_path, b.path()) {
+                return Err(format!(
+                    "--socket-path '{}' is a backing file of the image: the socket would \
+                     replace it",
+                    socket_path.display()
+                )
+                .into());
+            }
         }
     }
     let (tracker, bitmaps) = make_tracker(&config, &disk)?;
@@ -105,9 +147,12 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
-    let server = Server::new(
+    let mut server = Server::new(
         ServerConfig {
-            socket_path: config.socket_path.clone(),
+            socket_path: match &config.socket {
+                VhostSocket::Path(p) => p.clone(),
+                inherited => inherited.to_string().into(),
+            },
             num_queues: usize::from(config.num_queues),
             queue_size: usize::from(config.queue_size),
             aio: config.aio,
@@ -116,6 +161,23 @@ fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         device,
         stop,
     );
+    if let Some(listener) = inherited {
+        server = server.with_listener(listener);
+    }
+    if let Some(n) = notifier {
+        // READY once the vhost-user socket listens: the QMP and NBD sockets already do.
+        let ready = format!(
+            "READY=1\nSTATUS=serving {} on {}\nMAINPID={}",
+            config.image.display(),
+            config.socket,
+            std::process::id()
+        );
+        server = server.on_event(move |event| match event {
+            ServerEvent::Listening => n.notify_or_warn(&ready),
+            ServerEvent::FrontendConnected => n.notify_or_warn("STATUS=frontend connected"),
+            ServerEvent::WaitingForFrontend => n.notify_or_warn("STATUS=waiting for a frontend"),
+        });
+    }
     // Whatever ended the server, store the bitmaps (or say why not) before exiting.
     let served = server.run();
     if let Some((q, quit)) = &qmp {

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,10 +47,14 @@ pub enum ServerError {
     Tracker(#[from] TrackerError),
 }
 
+/// Called once when the stop is first requested.
+type StopHook = Box<dyn FnOnce() + Send>;
+
 struct StopState {
     stopping: AtomicBool,
     event: EventFd,
     conn: Mutex<Option<ShutdownHandle>>,
+    hooks: Mutex<Vec<StopHook>>,
 }
 
 impl std::fmt::Debug for StopState {
@@ -72,12 +77,37 @@ impl StopHandle {
             stopping: AtomicBool::new(false),
             event: EventFd::new(EFD_NONBLOCK)?,
             conn: Mutex::new(None),
+            hooks: Mutex::new(Vec::new()),
         })))
+    }
+
+    /// Runs `hook` when the stop is first requested (at once if it already was), in the
+    /// thread that requests it: e.g. telling the service manager that we are stopping.
+    pub fn on_stop(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut hooks = self.0.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_stopping() {
+            drop(hooks);
+            hook();
+        } else {
+            hooks.push(Box::new(hook));
+        }
     }
 
     /// Requests the stop (idempotent; callable from any thread).
     pub fn stop(&self) {
-        self.0.stopping.store(true, Ordering::SeqCst);
+        let hooks = {
+            let mut hooks = self.0.hooks.lock().unwrap_or_else(|p| p.into_inner());
+            // Under the hooks' lock, so that a hook is either run here or by `on_stop`.
+            let first = !self.0.stopping.swap(true, Ordering::SeqCst);
+            if first {
+                std::mem::take(&mut *hooks)
+            } else {
+                Vec::new()
+            }
+        };
+        for hook in hooks {
+            hook();
+        }
         if let Err(e) = self.0.event.write(1) {
             warn!("cannot wake the listener: {e}");
         }
@@ -216,12 +246,43 @@ impl Default for SocketAccess {
     }
 }
 
+/// What a [`Server`] reports to its [`Server::on_event`] hook (e.g. for `sd_notify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// The socket listens: frontends can connect (sent once, before the first accept).
+    Listening,
+    /// A frontend connected.
+    FrontendConnected,
+    /// The frontend went away and the server waits for the next one (not sent while
+    /// stopping).
+    WaitingForFrontend,
+}
+
+/// The hook of [`Server::on_event`].
+type EventHook = Box<dyn Fn(ServerEvent) + Send + Sync>;
+
 /// Serves one device on a vhost-user socket, one frontend at a time.
-#[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
     device: Arc<BlkDevice>,
     stop: StopHandle,
+    /// An inherited listening socket, served instead of binding `config.socket_path`
+    /// (taken by the first [`Server::run`]).
+    inherited: Mutex<Option<UnixListener>>,
+    /// Whether [`Server::with_listener`] gave one.
+    has_inherited: bool,
+    events: Option<EventHook>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .field("stop", &self.stop)
+            .field("inherited", &self.inherited)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
@@ -231,6 +292,31 @@ impl Server {
             config,
             device,
             stop,
+            inherited: Mutex::new(None),
+            has_inherited: false,
+            events: None,
+        }
+    }
+
+    /// Serves on `listener`, an already listening unix stream socket we were given
+    /// (`--socket-fd`, socket activation), instead of creating `socket_path`: its mode,
+    /// group and file are left alone, and it is closed, never unlinked, at the end of
+    /// [`Server::run`]. `socket_path` then only names it in the log.
+    pub fn with_listener(mut self, listener: UnixListener) -> Self {
+        *self.inherited.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+        self.has_inherited = true;
+        self
+    }
+
+    /// Calls `hook` on every [`ServerEvent`], in the thread of [`Server::run`].
+    pub fn on_event(mut self, hook: impl Fn(ServerEvent) + Send + Sync + 'static) -> Self {
+        self.events = Some(Box::new(hook));
+        self
+    }
+
+    fn event(&self, event: ServerEvent) {
+        if let Some(hook) = &self.events {
+            hook(event);
         }
     }
 
@@ -238,6 +324,72 @@ impl Server {
     /// has completed and the image was flushed; the tracker's `on_shutdown` is left to
     /// the caller.
     pub fn run(&self) -> Result<(), ServerError> {
+        let inherited = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (socket, id) = match inherited {
+            Some(listener) => (listener, None),
+            None if self.has_inherited => {
+                return Err(ServerError::Io {
+                    what: "serving the inherited socket",
+                    err: io::Error::other("it was closed by an earlier run"),
+                })
+            }
+            None => {
+                let (socket, id) = self.bind()?;
+                (socket, Some(id))
+            }
+        };
+        let path = &self.config.socket_path;
+        if id.is_none() {
+            // Whoever created it chose its blocking mode: ours accepts blocking, after
+            // poll() said a frontend waits.
+            socket
+                .set_nonblocking(false)
+                .map_err(|err| ServerError::Io {
+                    what: "making the inherited socket blocking",
+                    err,
+                })?;
+        }
+        let mut listener = Listener::from(socket);
+        info!(
+            "listening on {}{} ({} queue(s), image of {} bytes{})",
+            path.display(),
+            if id.is_none() {
+                format!(" (inherited fd {})", listener.as_raw_fd())
+            } else {
+                String::new()
+            },
+            self.config.num_queues,
+            self.device.image().size(),
+            if self.device.image().is_read_only() {
+                ", read-only"
+            } else {
+                ""
+            }
+        );
+        self.event(ServerEvent::Listening);
+        while wait_for_client(listener.as_raw_fd(), &self.stop).map_err(|err| ServerError::Io {
+            what: "waiting for a frontend",
+            err,
+        })? {
+            self.serve_one(&mut listener)?;
+        }
+        drop(listener);
+        if let Some(id) = id {
+            qmp::remove_socket_if_ours(path, id);
+        }
+        if let Err(e) = self.device.image().flush() {
+            error!("final flush failed: {e}");
+        }
+        info!("stopped");
+        Ok(())
+    }
+
+    /// Creates the socket at `socket_path` (blocking, mode and group as configured).
+    fn bind(&self) -> Result<(UnixListener, qmp::FileId), ServerError> {
         let path = &self.config.socket_path;
         // Mode 0600 from the start, never replacing anything but a stale socket (a file
         // or a live socket at the path is an error), removed at exit only if still ours.
@@ -271,31 +423,7 @@ impl Server {
                     .unwrap_or_default()
             );
         }
-        let mut listener = Listener::from(socket);
-        info!(
-            "listening on {} ({} queue(s), image of {} bytes{})",
-            path.display(),
-            self.config.num_queues,
-            self.device.image().size(),
-            if self.device.image().is_read_only() {
-                ", read-only"
-            } else {
-                ""
-            }
-        );
-        while wait_for_client(listener.as_raw_fd(), &self.stop).map_err(|err| ServerError::Io {
-            what: "waiting for a frontend",
-            err,
-        })? {
-            self.serve_one(&mut listener)?;
-        }
-        drop(listener);
-        qmp::remove_socket_if_ours(path, id);
-        if let Err(e) = self.device.image().flush() {
-            error!("final flush failed: {e}");
-        }
-        info!("stopped");
-        Ok(())
+        Ok((socket, id))
     }
 
     fn serve_one(&self, listener: &mut Listener) -> Result<(), ServerError> {
@@ -344,6 +472,7 @@ impl Server {
             return Ok(());
         }
         info!("frontend connected");
+        self.event(ServerEvent::FrontendConnected);
         self.stop.set_conn(daemon.shutdown_handle());
         let result = daemon.wait();
         self.stop.set_conn(None);
@@ -367,6 +496,9 @@ impl Server {
         }
         if let Err(e) = self.device.tracker().on_frontend_disconnected() {
             error!("write tracker failed after disconnect: {e}");
+        }
+        if !self.stop.is_stopping() {
+            self.event(ServerEvent::WaitingForFrontend);
         }
         Ok(())
     }
@@ -427,5 +559,62 @@ mod tests {
         );
         server.run().unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_inherited_listener_is_served_and_never_unlinked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inherited.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = StopHandle::new().unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let server = Server::new(
+            ServerConfig {
+                // Only names the socket in the log: nothing is created there.
+                socket_path: dir.path().join("unused.sock"),
+                num_queues: 1,
+                queue_size: 256,
+                aio: Default::default(),
+                access: Default::default(),
+            },
+            device(),
+            stop.clone(),
+        )
+        .with_listener(listener)
+        .on_event(move |e| seen.lock().unwrap().push(e));
+        stop.stop();
+        server.run().unwrap();
+        assert!(path.exists(), "an inherited socket is not unlinked");
+        assert!(!dir.path().join("unused.sock").exists());
+        assert_eq!(*events.lock().unwrap(), [ServerEvent::Listening]);
+        // The listener was closed by the first run; nothing is bound instead.
+        let e = server.run().unwrap_err().to_string();
+        assert!(e.contains("closed by an earlier run"), "{e}");
+        assert!(!dir.path().join("unused.sock").exists());
+    }
+
+    #[test]
+    fn stop_hooks_run_once() {
+        let stop = StopHandle::new().unwrap();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = count.clone();
+        stop.on_stop(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        stop.stop();
+        stop.stop();
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let c = count.clone();
+        stop.on_stop(move || {
+            c.fetch_add(10, Ordering::SeqCst);
+        });
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            11,
+            "at once when already stopping"
+        );
     }
 }
