@@ -22,7 +22,8 @@
 //!   respect to guest writes (QMP's `transaction`).
 //! * Errors: [`Error`], whose texts are QEMU's where QEMU has one.
 //!
-//! [`testing::MemImage`] is an in-memory `ImageMetadata` with fault injection.
+//! With the `testing` feature (for dev-dependencies only), `testing::MemImage` is an
+//! in-memory `ImageMetadata` with fault injection.
 
 pub mod error;
 pub mod format;
@@ -32,6 +33,7 @@ mod ops;
 mod set;
 mod store;
 mod table;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod txn;
 
