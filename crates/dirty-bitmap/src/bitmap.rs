@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::words::{self, WORD_BITS};
-use crate::{BitmapView, Error};
+use crate::Error;
 
 /// Smallest granularity accepted, in bytes (QEMU's minimum).
 pub const MIN_GRANULARITY: u64 = 512;
@@ -124,11 +124,6 @@ impl DirtyBitmap {
     /// mutators ignore this flag.
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Release);
-    }
-
-    /// Returns a read-only view for code that must not modify the bitmap.
-    pub fn view(&self) -> BitmapView<'_> {
-        BitmapView::new(self)
     }
 
     /// Inclusive bit range of every granule touching `offset..offset + len`,

@@ -26,7 +26,6 @@ mod error;
 mod extents;
 mod merge;
 mod serialize;
-mod view;
 mod words;
 
 #[cfg(test)]
@@ -35,4 +34,3 @@ mod tests;
 pub use bitmap::{DirtyBitmap, MAX_GRANULARITY, MAX_SERIALIZED_BYTES, MIN_GRANULARITY};
 pub use error::Error;
 pub use extents::{Extent, Extents};
-pub use view::BitmapView;

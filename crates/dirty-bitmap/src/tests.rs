@@ -472,25 +472,6 @@ fn snapshot_is_independent() {
 }
 
 #[test]
-fn view_reads_the_live_bitmap() {
-    let bm = DirtyBitmap::new(GIB, K64).unwrap();
-    let view = bm.view();
-    bm.mark(K64, 1);
-    assert!(view.get(K64) && view.get_bit(1) && !view.get(0));
-    assert_eq!(view.count(), 1);
-    assert_eq!(view.dirty_bytes(), K64);
-    assert_eq!(view.dirty_extents().collect::<Vec<_>>(), vec![(K64, K64)]);
-    assert_eq!(view.extents().count(), 3);
-    assert_eq!(view.serialized_len(), bm.serialized_len());
-    let mut out = [0u8; 1];
-    view.serialize_into(0, &mut out);
-    assert_eq!(out, [0x02]);
-    assert!(!view.is_serialized_range_zero(0, 1));
-    assert_eq!(view.snapshot().count(), 1);
-    assert!(format!("{view:?}").contains("DirtyBitmap"));
-}
-
-#[test]
 fn debug_is_compact() {
     let bm = DirtyBitmap::new(GIB, K64).unwrap();
     bm.mark(0, 3 * K64);
@@ -505,5 +486,4 @@ fn debug_is_compact() {
 fn send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<DirtyBitmap>();
-    assert_send_sync::<crate::BitmapView<'static>>();
 }

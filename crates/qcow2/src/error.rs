@@ -39,14 +39,6 @@ pub enum Error {
     /// A write to an image opened read-only.
     #[error("the image is opened read-only")]
     ReadOnly,
-    /// The image is locked by another process.
-    #[error("Failed to get {kind} lock\nIs another process using the image [{path}]?")]
-    Locked {
-        /// "\"write\"" or "shared \"write\"", as QEMU says it.
-        kind: String,
-        /// The image path.
-        path: String,
-    },
     /// A metadata write would overwrite other metadata.
     #[error("metadata write at {offset:#x} (+{len}) would overlap {what}")]
     Overlap {
