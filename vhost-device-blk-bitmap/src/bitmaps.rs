@@ -129,7 +129,7 @@ pub enum BitmapError {
 
 impl From<BitmapError> for TrackerError {
     fn from(e: BitmapError) -> Self {
-        TrackerError(e.to_string())
+        TrackerError(Box::new(e))
     }
 }
 

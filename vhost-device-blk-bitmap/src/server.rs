@@ -33,7 +33,7 @@ pub enum ServerError {
     },
     /// The vhost-user daemon could not be set up or accept.
     #[error("vhost-user daemon: {0}")]
-    Daemon(String),
+    Daemon(vhost_user_backend::Error),
     /// An OS error.
     #[error("{what}: {err}")]
     Io {
@@ -443,7 +443,7 @@ impl Server {
         );
         let mut daemon =
             VhostUserDaemon::new("vhost-device-blk-bitmap".to_string(), backend.clone(), mem)
-                .map_err(|e| ServerError::Daemon(e.to_string()))?;
+                .map_err(ServerError::Daemon)?;
         backend
             .register_worker_events(&daemon.get_epoll_handlers())
             .map_err(|err| ServerError::Io {

@@ -3,10 +3,11 @@
 
 use std::fmt;
 
-/// Error reported by a [`WriteTracker`] lifecycle call.
+/// Error reported by a [`WriteTracker`] lifecycle call: the tracker's own error, kept
+/// whole (its `source()` chain included).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TrackerError(pub String);
+#[error(transparent)]
+pub struct TrackerError(pub Box<dyn std::error::Error + Send + Sync>);
 
 /// Receives every guest write (OUT, WRITE_ZEROES, DISCARD) and the daemon's lifecycle events.
 ///
