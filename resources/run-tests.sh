@@ -35,6 +35,9 @@ command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v cc >/dev/null || need+=(build-essential)
 command -v flock >/dev/null || need+=(util-linux)
+# The man page tests render with groff and man.
+command -v groff >/dev/null || need+=(groff-base)
+command -v man >/dev/null || need+=(man-db)
 # The NBD interop tests use libnbd's tools (nbdinfo, nbdcopy) and its python binding.
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)

@@ -35,6 +35,10 @@ pub enum Command {
     /// any QMP command with its arguments as JSON (`query-blockstats`,
     /// `block-dirty-bitmap-add '{"node":"disk0","name":"b1"}'`).
     Ctl(crate::tool::args::CtlArgs),
+    /// Print the manual page (roff) generated from these definitions, or write it and one
+    /// page per subcommand into --dir (hidden: for packagers and resources/install-man.sh).
+    #[command(hide = true)]
+    Man(crate::tool::man::ManArgs),
 }
 
 /// Image formats.

@@ -70,6 +70,7 @@ fn run_tool(command: &Command) -> u8 {
         Command::Create(a) => tool::run_create(a),
         Command::Check(a) => tool::run_check(a),
         Command::Ctl(a) => tool::run_ctl(a),
+        Command::Man(a) => tool::man::run(a),
     }
 }
 

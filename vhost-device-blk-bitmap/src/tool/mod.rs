@@ -6,6 +6,8 @@
 //! * `bitmap`: the bitmap operations (mutating ones always store before closing).
 //! * `create`, `check`: the engine's image creation and consistency check.
 //! * `output`: text and JSON printing.
+//! * [`man`]: manual pages generated from the clap definitions (the hidden `man`
+//!   subcommand).
 //!
 //! Exit codes: 0 success, 1 error (reason on stderr); `check` also uses 2 (corruptions)
 //! and 3 (leaks only), as `qemu-img check`.
@@ -17,6 +19,7 @@ mod create;
 mod ctl;
 mod error;
 mod image;
+pub mod man;
 mod output;
 
 pub use error::ToolError;
