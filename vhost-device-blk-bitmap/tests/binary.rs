@@ -2,37 +2,12 @@
 
 mod common;
 
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{pattern, raw_image, spawn, wait_for_socket, Driver, BIN};
-
-fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("daemon did not exit within {secs}s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill only sends a signal to the child we spawned.
-    let r = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-    assert_eq!(r, 0);
-}
-
-fn stderr_of(child: &mut Child) -> String {
-    use std::io::Read;
-    let mut s = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-    s
-}
+use common::{
+    pattern, raw_image, signal, spawn, stderr_of, wait_exit, wait_for_socket, Driver, BIN,
+};
 
 #[test]
 fn sigterm_while_listening_exits_zero_and_removes_the_socket() {

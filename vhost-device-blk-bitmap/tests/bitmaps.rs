@@ -559,32 +559,13 @@ fn read_only_and_raw_images() {
 /// bitmap, and QEMU sees the bitmap in-use (inconsistent), with no corruption.
 #[test]
 fn a_failed_store_is_retried_at_the_stop_and_a_lost_bitmap_fails_the_exit() {
-    use std::process::{Command, Stdio};
-    struct Mount(std::path::PathBuf);
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
+    use std::process::Command;
     for space_back in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let mnt = dir.path().join("small");
-        std::fs::create_dir(&mnt).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-            .arg(&mnt)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "mounting a small tmpfs failed under CI=true"
-            );
-            eprintln!("note: cannot mount a tmpfs, test skipped");
+        let Some(fs) = common::SmallFs::mount(dir.path(), "4m") else {
             return;
-        }
-        let _m = Mount(mnt.clone());
+        };
+        let mnt = fs.0.clone();
         let img = mnt.join("disk.qcow2");
         let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
         ok(Command::new("qemu-img")

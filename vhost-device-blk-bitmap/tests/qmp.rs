@@ -664,31 +664,11 @@ fn sigterm_sends_shutdown_to_clients() {
 /// QMP clients as `BLOCK_IO_ERROR`.
 #[test]
 fn failed_guest_writes_are_reported_as_block_io_error() {
-    struct Mount(std::path::PathBuf);
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        // Needs root (as in CI) to mount a small file system.
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "mounting a small tmpfs failed under CI=true"
-        );
-        eprintln!("note: cannot mount a tmpfs, test skipped");
+    let Some(fs) = common::SmallFs::mount(dir.path(), "1m") else {
         return;
-    }
-    let _m = Mount(mnt.clone());
+    };
+    let mnt = fs.0.clone();
     let img = mnt.join("disk.raw");
     std::fs::File::create(&img)
         .unwrap()

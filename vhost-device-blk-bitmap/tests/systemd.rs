@@ -13,11 +13,11 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{raw_image, wait_for_socket, Daemon, Driver, BIN};
+use common::{raw_image, signal, stderr_of, wait_exit, wait_for_socket, Daemon, Driver, BIN};
 use serde_json::Value;
 
 const SOCKET_ACTIVATE: &str = "systemd-socket-activate";
@@ -40,33 +40,6 @@ fn have(tool: &str, package: &str) -> bool {
         eprintln!("note: {tool} is not installed (Debian package {package}), skipping");
     }
     ok
-}
-
-fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("daemon did not exit within {secs}s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill only sends a signal to the child we spawned (not yet reaped).
-    let r = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-    assert_eq!(r, 0);
-}
-
-fn stderr_of(child: &mut Child) -> String {
-    use std::io::Read;
-    let mut s = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-    s
 }
 
 /// A datagram socket standing in for systemd's notification socket.

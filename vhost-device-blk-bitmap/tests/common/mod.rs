@@ -618,3 +618,66 @@ pub fn wait_for_socket(child: &mut Child, socket: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits up to `secs` for the child to exit (kills it and fails after that).
+pub fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("daemon did not exit within {secs}s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `sig` to the child.
+pub fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill only sends a signal to the child we spawned (not yet reaped).
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(r, 0);
+}
+
+/// Everything the child wrote to its (piped) stderr.
+pub fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    s
+}
+
+/// A small tmpfs mounted for a test (unmounted on drop), to fill a file system up.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    /// Mounts a tmpfs of `size` (e.g. "1m") at `dir/small`; `None` (with a note) when
+    /// that is not allowed here — which fails the test under CI=true (CI runs as root).
+    pub fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
+        let mnt = dir.join("small");
+        std::fs::create_dir(&mnt).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "mounting a small tmpfs failed under CI=true"
+            );
+            eprintln!("note: cannot mount a tmpfs, test skipped");
+            return None;
+        }
+        Some(SmallFs(mnt))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
