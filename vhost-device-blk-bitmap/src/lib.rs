@@ -12,6 +12,7 @@ pub mod bitmaps;
 
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod device;
 pub mod disk;
 pub mod exports;

@@ -31,9 +31,10 @@ pub enum ServerError {
         #[source]
         err: qmp::ServerError,
     },
-    /// The vhost-user daemon could not be set up or accept.
+    /// The vhost-user daemon could not be set up or accept. (vhost-user-backend's error
+    /// implements neither `std::error::Error` nor `Sync`, so its text is kept.)
     #[error("vhost-user daemon: {0}")]
-    Daemon(vhost_user_backend::Error),
+    Daemon(String),
     /// An OS error.
     #[error("{what}: {err}")]
     Io {
@@ -443,7 +444,7 @@ impl Server {
         );
         let mut daemon =
             VhostUserDaemon::new("vhost-device-blk-bitmap".to_string(), backend.clone(), mem)
-                .map_err(ServerError::Daemon)?;
+                .map_err(|e| ServerError::Daemon(e.to_string()))?;
         backend
             .register_worker_events(&daemon.get_epoll_handlers())
             .map_err(|err| ServerError::Io {

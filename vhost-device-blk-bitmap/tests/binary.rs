@@ -215,12 +215,30 @@ fn reconnects_leak_neither_fds_nor_threads() {
         d.write_data(1, &[round; 512]);
         assert_eq!(d.request(1, 1, 0, Some((512, false))), (0, 1));
         drop(d);
-        // Wait until the daemon has torn the connection down (back to listening).
+        // Wait until the daemon has torn the connection down (back to listening): the
+        // counts stop moving (a loaded machine may take longer than a fixed pause).
+        let read = || {
+            (
+                count_entries(format!("/proc/{pid}/fd")),
+                count_entries(format!("/proc/{pid}/task")),
+            )
+        };
         std::thread::sleep(Duration::from_millis(150));
-        counts.push((
-            count_entries(format!("/proc/{pid}/fd")),
-            count_entries(format!("/proc/{pid}/task")),
-        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if (now == last && Some(&now) == counts.last()) || std::time::Instant::now() > deadline
+            {
+                break;
+            }
+            if now == last && counts.len() < 2 {
+                break;
+            }
+            last = now;
+        }
+        counts.push(read());
     }
     assert!(
         counts[2..].iter().all(|c| *c == counts[1]),

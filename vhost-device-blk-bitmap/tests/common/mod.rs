@@ -681,3 +681,22 @@ impl Drop for SmallFs {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Whether `tool` is installed; under CI=true a missing tool fails the test (Debian
+/// package qemu-utils for QEMU's tools).
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is required when CI=true (apt-get install qemu-utils)"
+        );
+        eprintln!("SKIP: {tool} not installed");
+    }
+    found
+}
