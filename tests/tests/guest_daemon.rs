@@ -137,7 +137,21 @@ impl InUseWatcher {
         );
         let thread = std::thread::spawn(move || {
             while !t.load(Ordering::SeqCst) {
-                if in_use(&image, &name) {
+                // `qemu-img info -U` reads the header while the daemon may be rewriting
+                // it (a store switches the bitmap directory): a reading without the
+                // bitmap is a torn read, not an answer; look again.
+                let seen_now = qemu_img_info_json(&image, true).ok().and_then(|info| {
+                    info.pointer("/format-specific/data/bitmaps")?
+                        .as_array()?
+                        .iter()
+                        .find(|b| b["name"] == name.as_str())
+                        .map(|b| {
+                            b["flags"]
+                                .as_array()
+                                .is_some_and(|f| f.iter().any(|x| x == "in-use"))
+                        })
+                });
+                if seen_now == Some(true) {
                     s.store(true, Ordering::SeqCst);
                 }
                 std::thread::sleep(Duration::from_millis(100));
