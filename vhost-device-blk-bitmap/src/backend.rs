@@ -75,6 +75,10 @@ struct ExitEvent {
     handed_out: Mutex<Vec<RawFd>>,
 }
 
+/// Most requests a queue worker starts per wake-up before it lets the event loop (and
+/// whoever waits for the vring lock: GET_VRING_BASE, other frontend messages) run.
+const MAX_BATCH: usize = 64;
+
 /// The vhost-user-blk backend for one frontend connection.
 #[derive(Debug)]
 pub struct BlkBackend {
@@ -270,10 +274,10 @@ impl BlkBackend {
         let mem = self.mem.memory().into_inner();
         let io = self.device.image().direct();
         let mut published = false;
-        // At most one ring's worth of requests per wake-up: a guest that refills the ring
+        // At most MAX_BATCH requests per wake-up: a guest that refills the ring
         // as fast as it is drained must not keep the vring lock (GET_VRING_BASE, other
         // frontend messages) and the event loop (exit) waiting for ever.
-        let mut budget = usize::from(state.get_queue().size()).max(1);
+        let mut budget = usize::from(state.get_queue().size()).clamp(1, MAX_BATCH);
         let mut more = false;
         loop {
             if event_idx {
