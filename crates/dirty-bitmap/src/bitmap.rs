@@ -60,13 +60,26 @@ fn geometry(size: u64, granularity: u64) -> Result<(u64, u64), Error> {
 
 /// Allocates `n` zeroed words without aborting on allocation failure.
 fn alloc_words(n: usize) -> Result<Box<[AtomicU64]>, Error> {
-    let mut v: Vec<AtomicU64> = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| Error::AllocationFailed {
-            bytes: (n as u64).saturating_mul(8),
-        })?;
-    v.extend((0..n).map(|_| AtomicU64::new(0)));
-    Ok(v.into_boxed_slice())
+    let failed = || Error::AllocationFailed {
+        bytes: (n as u64).saturating_mul(8),
+    };
+    if n == 0 {
+        return Ok(Box::new([]));
+    }
+    // Zeroed memory straight from the allocator: large bitmaps get fresh pages from the
+    // kernel that are never touched (nor faulted in) until a bit in them is set, so
+    // loading a mostly clean bitmap of a big disk costs no page faults for its clean
+    // parts.
+    let layout = std::alloc::Layout::array::<AtomicU64>(n).map_err(|_| failed())?;
+    // SAFETY: `layout` has a non-zero size (n > 0 words of 8 bytes).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
+    if ptr.is_null() {
+        return Err(failed());
+    }
+    // SAFETY: `ptr` was just allocated by the global allocator with the layout of
+    // `[AtomicU64; n]`, which is what `Box<[AtomicU64]>` frees with; all-zero bytes are a
+    // valid `AtomicU64` (0), so all n elements are initialized; nothing else owns it.
+    Ok(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) })
 }
 
 impl DirtyBitmap {
