@@ -12,7 +12,8 @@
 # Environment: SERVERS (default "ours qsd"; see start_server for all, and fio), RUNS (3),
 # RUNTIME (10 s measured per job), RAMP (1 s), JOBS (vhost-blk-bench --jobs list),
 # DIR (image folder), OURS / BENCH (binaries; default target/release).
-# A job allocwrite-BS-qdN is randwrite-BS-qdN into a FRESH empty qcow2 of ALLOC_SIZE
+# A job allocwrite-BS-qdN is randwrite-BS-qdN (alloctouch-BS-qdN: touchwrite-BS-qdN,
+# every request in a 1 MiB region not written before) into a FRESH empty qcow2 of ALLOC_SIZE
 # (default 16G; `qemu-img create`, 64 KiB clusters) made before every run of it, with
 # its own server start, ALLOC_RUNTIME (default RUNTIME) measured seconds, and a
 # `qemu-img check` of the image afterwards (allocated clusters and errors logged); fio
@@ -102,7 +103,8 @@ qsd_start() { # $1: cache.direct value
         >"$DIR/server.log" 2>&1 &
 }
 
-# Server names: ours, ours-bitmap (qcow2 + --bitmap b0), ours-buffered (never --direct),
+# Server names: ours, ours-bitmap (qcow2 + --bitmap b0, crash-consistency shadow on),
+# ours-bitmap-noshadow (the same with --no-crash-consistent-bitmaps), ours-buffered (never --direct),
 # ours-raw (raw image), ours-threads (--aio threads), qsd, qsd-bitmap, qsd-buffered
 # (cache.direct=off). $2 = fresh: a new empty qcow2 of ALLOC_SIZE instead of the base copy.
 start_server() {
@@ -131,6 +133,7 @@ start_server() {
     ours-buffered) "$OURS" --socket-path "$SOCK" --image "$IMG" >"$DIR/server.log" 2>&1 & ;;
     ours-threads) "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" --aio threads >"$DIR/server.log" 2>&1 & ;;
     ours-bitmap) "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" --bitmap b0 >"$DIR/server.log" 2>&1 & ;;
+    ours-bitmap-noshadow) "$OURS" --socket-path "$SOCK" --image "$IMG" "${OURS_DIRECT[@]}" --bitmap b0 --no-crash-consistent-bitmaps >"$DIR/server.log" 2>&1 & ;;
     qsd | qsd-bitmap) qsd_start $QSD_DIRECT ;;
     qsd-buffered) qsd_start off ;;
     *)
@@ -183,7 +186,7 @@ IFS=, read -r -a ALL_JOBS <<<"$JOBS"
 PLAIN_JOBS=() ALLOC_JOBS=()
 for j in "${ALL_JOBS[@]}"; do
     case $j in
-    allocwrite-*) ALLOC_JOBS+=("$j") ;;
+    allocwrite-* | alloctouch-*) ALLOC_JOBS+=("$j") ;;
     *) PLAIN_JOBS+=("$j") ;;
     esac
 done
@@ -204,7 +207,9 @@ for run in $(seq "$RUNS"); do
         for j in "${ALLOC_JOBS[@]}"; do
             echo "# $j: fresh $ALLOC_SIZE qcow2, load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT"
             start_server "$s" fresh
-            run_bench "$s" "${j/allocwrite/randwrite}" "$ALLOC_RUNTIME" "s/ job=randwrite-/ job=allocwrite-/"
+            bj=${j/allocwrite/randwrite}
+            bj=${bj/alloctouch/touchwrite}
+            run_bench "$s" "$bj" "$ALLOC_RUNTIME" "s/ job=${bj%%-*}-/ job=${j%%-*}-/"
             stop_server "$s"
             echo "# qemu-img check after $s $j: $(qemu-img check "$IMG" 2>&1 | tr '\n' ' ')" | tee -a "$OUT"
             rm -f "$IMG"

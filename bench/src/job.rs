@@ -18,7 +18,16 @@ pub enum Pattern {
     SeqRead,
     /// Sequential writes.
     SeqWrite,
+    /// Random writes, each into a 1 MiB region no earlier request of the run touched
+    /// (until every region was touched once): the worst case for the crash-consistency
+    /// shadow, whose granules are 1 MiB.
+    TouchWrite,
 }
+
+/// Regions of [`Pattern::TouchWrite`].
+const TOUCH_REGION: u64 = 1 << 20;
+/// An odd stride: visits every region of a power-of-two count once per cycle.
+const TOUCH_STRIDE: u64 = 0x9e37_79b1;
 
 /// One workload, written `PATTERN-BS-qdN` (e.g. `randread-4k-qd32`, `write-1m-qd8`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,8 +43,9 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// Parses `PATTERN-BS-qdN`; PATTERN is randread, randwrite, read or write, BS a size
-    /// with optional k/m suffix (multiple of 512, at most 1m), N 1..=64.
+    /// Parses `PATTERN-BS-qdN`; PATTERN is randread, randwrite, read, write or
+    /// touchwrite, BS a size with optional k/m suffix (multiple of 512, at most 1m), N
+    /// 1..=64.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| BenchError::Invalid(format!("job '{s}': {why}"));
         let parts: Vec<&str> = s.split('-').collect();
@@ -47,7 +57,12 @@ impl JobSpec {
             "randwrite" => Pattern::RandWrite,
             "read" => Pattern::SeqRead,
             "write" => Pattern::SeqWrite,
-            _ => return Err(bad("pattern must be randread, randwrite, read or write")),
+            "touchwrite" => Pattern::TouchWrite,
+            _ => {
+                return Err(bad(
+                    "pattern must be randread, randwrite, read, write or touchwrite",
+                ))
+            }
         };
         let lower = bs.to_ascii_lowercase();
         let (num, mult) = match lower.strip_suffix('k') {
@@ -77,7 +92,10 @@ impl JobSpec {
     }
 
     fn is_write(&self) -> bool {
-        matches!(self.pattern, Pattern::RandWrite | Pattern::SeqWrite)
+        matches!(
+            self.pattern,
+            Pattern::RandWrite | Pattern::SeqWrite | Pattern::TouchWrite
+        )
     }
 }
 
@@ -198,6 +216,13 @@ pub fn run_job(
                     seq_block = (seq_block + 1) % blocks;
                     b
                 }
+                Pattern::TouchWrite => {
+                    let regions = (capacity / TOUCH_REGION).max(1);
+                    let per = (TOUCH_REGION / spec.block as u64).max(1);
+                    let region = seq_block.wrapping_mul(TOUCH_STRIDE) % regions;
+                    seq_block += 1;
+                    (region * per + rng.next() % per).min(blocks - 1)
+                }
             };
             let sector = block * spec.block as u64 / 512;
             q.add(slot, kind, sector, spec.block as u32);
@@ -256,6 +281,8 @@ mod tests {
         let j = JobSpec::parse("write-1m-qd8").unwrap();
         assert_eq!((j.pattern, j.block, j.qd), (Pattern::SeqWrite, 1 << 20, 8));
         assert_eq!(JobSpec::parse("randwrite-512-qd1").unwrap().block, 512);
+        let t = JobSpec::parse("touchwrite-4k-qd32").unwrap();
+        assert!(t.pattern == Pattern::TouchWrite && t.is_write());
         for bad in [
             "randread-4k",
             "trim-4k-qd1",

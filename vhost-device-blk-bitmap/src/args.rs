@@ -155,6 +155,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "1G", value_name = "SIZE")]
     pub max_bitmap_memory: String,
 
+    /// Do not keep the crash-consistency shadow of the bitmaps: a crash (kill -9, power
+    /// loss) then leaves them in use and unusable, as with QEMU, instead of recoverable.
+    #[arg(long)]
+    pub no_crash_consistent_bitmaps: bool,
+
     /// Create the image with this virtual size when it does not exist (suffixes K, M, G,
     /// T, P; binary units). If it exists, its size must match.
     #[arg(long, value_name = "SIZE")]

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{error, info, warn};
 use qcow2::{BlockImage, Qcow2Image};
-use qcow2_bitmaps::{Action, AddOptions, BitmapInfo, Bitmaps, TxnOptions};
+use qcow2_bitmaps::{Action, AddOptions, BitmapInfo, Bitmaps, OpenOptions, TxnOptions};
 
 use crate::config::BitmapSpec;
 use crate::tracker::{TrackerError, WriteTracker};
@@ -144,6 +144,8 @@ pub struct PersistentBitmaps {
     /// Writers attached (the vhost-user frontend, writable NBD exports): the bitmaps are
     /// in use on disk while there is one and stored when the last one goes.
     writers: Mutex<usize>,
+    /// The thread that makes the crash-consistency shadow durable (group commits).
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for PersistentBitmaps {
@@ -176,28 +178,70 @@ impl PersistentBitmaps {
         Self::open_node(image, name, name, qcow2_bitmaps::DEFAULT_MAX_MEMORY)
     }
 
+    /// Like [`PersistentBitmaps::open_node`] with every option: `crash_consistent` keeps
+    /// the persistent shadow that lets bitmaps left in use by a crash be recovered (and
+    /// runs its syncer thread); bitmaps recovered from a shadow are logged.
+    pub fn open_with(
+        image: Arc<Qcow2Image>,
+        name: &str,
+        node: &str,
+        opts: OpenOptions,
+    ) -> Result<Self, BitmapError> {
+        let bitmaps =
+            Bitmaps::open_with(&*image, node, opts).map_err(|source| BitmapError::Load {
+                image: name.to_owned(),
+                source,
+            })?;
+        Self::from_bitmaps(image, name, bitmaps)
+    }
+
     /// Like [`PersistentBitmaps::open`], with the QMP node name that QEMU's messages
     /// about the bitmaps use (`Can't make bitmap 'b1' persistent in 'disk0': …`).
-    /// `max_memory` caps what the loaded bitmaps may take in total.
+    /// `max_memory` caps what the loaded bitmaps may take in total. Crash-consistent
+    /// bitmaps are on.
     pub fn open_node(
         image: Arc<Qcow2Image>,
         name: &str,
         node: &str,
         max_memory: u64,
     ) -> Result<Self, BitmapError> {
-        let bitmaps = Bitmaps::open_capped(&*image, node, max_memory).map_err(|source| {
-            BitmapError::Load {
-                image: name.to_owned(),
-                source,
-            }
-        })?;
+        let opts = OpenOptions {
+            max_memory,
+            crash_consistent: true,
+        };
+        Self::open_with(image, name, node, opts)
+    }
+
+    fn from_bitmaps(
+        image: Arc<Qcow2Image>,
+        name: &str,
+        bitmaps: Bitmaps,
+    ) -> Result<Self, BitmapError> {
         let writable = !bitmaps.is_read_only();
+        let syncer = match bitmaps.shadow().filter(|s| s.is_enabled()) {
+            Some(shadow) => {
+                let shadow = shadow.clone();
+                let img = image.clone();
+                let t = std::thread::Builder::new()
+                    .name("bitmap-shadow".into())
+                    .spawn(move || shadow.run_syncer(&*img))
+                    .map_err(|e| BitmapError::Load {
+                        image: name.to_owned(),
+                        source: qcow2_bitmaps::Error::Shadow(format!(
+                            "cannot start its thread: {e}"
+                        )),
+                    })?;
+                Some(t)
+            }
+            None => None,
+        };
         let me = PersistentBitmaps {
             image,
             name: name.to_owned(),
             bitmaps,
             needs_store: Mutex::new(writable),
             writers: Mutex::new(0),
+            syncer: Mutex::new(syncer),
         };
         for b in me.bitmaps.list().iter().filter(|b| b.inconsistent) {
             warn!(
@@ -321,6 +365,15 @@ impl PersistentBitmaps {
                 stored.join(", ")
             );
         }
+        if let Some(st) = self.bitmaps.shadow().map(|s| s.stats()) {
+            if st.syncs > 0 {
+                info!(
+                    "crash-consistency shadow of '{}': {} region(s) of {} bytes recorded \
+                     in {} sync(s) so far",
+                    self.name, st.granules, st.granularity, st.syncs
+                );
+            }
+        }
         Ok(())
     }
 
@@ -413,6 +466,10 @@ impl WriteTracker for PersistentBitmaps {
         self.bitmaps.mark(offset, len)
     }
 
+    fn shadow(&self) -> Option<Arc<qcow2_bitmaps::Shadow>> {
+        self.bitmaps.shadow().filter(|s| s.is_enabled()).cloned()
+    }
+
     fn generation(&self) -> u64 {
         self.bitmaps.generation()
     }
@@ -437,6 +494,13 @@ impl Drop for PersistentBitmaps {
             if let Err(e) = self.store_idle() {
                 error!("{e}");
             }
+        }
+        if let Some(shadow) = self.bitmaps.shadow() {
+            shadow.shutdown();
+        }
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = syncer {
+            let _ = t.join();
         }
     }
 }
@@ -463,8 +527,11 @@ pub fn tracker_for(
         }
         return Ok((Arc::new(crate::tracker::NoopTracker), None));
     };
-    let tracker =
-        PersistentBitmaps::open_node(image, &name, &config.node_name, config.max_bitmap_memory)?;
+    let opts = OpenOptions {
+        max_memory: config.max_bitmap_memory,
+        crash_consistent: config.crash_consistent_bitmaps,
+    };
+    let tracker = PersistentBitmaps::open_with(image, &name, &config.node_name, opts)?;
     tracker.apply(&config.bitmaps)?;
     tracker.store_idle()?;
     let tracker = Arc::new(tracker);

@@ -139,6 +139,8 @@ pub struct Config {
     pub socket_access: crate::server::SocketAccess,
     /// Cap on the memory of the loaded bitmaps.
     pub max_bitmap_memory: u64,
+    /// Keep the crash-consistency shadow of the bitmaps.
+    pub crash_consistent_bitmaps: bool,
 }
 
 /// Whether two paths name the same file (or the same path when neither exists yet).
@@ -463,6 +465,7 @@ impl Config {
             fleece_dir,
             socket_access,
             max_bitmap_memory,
+            crash_consistent_bitmaps: !a.no_crash_consistent_bitmaps,
             backing: match a.backing {
                 crate::args::BackingArg::Allow => qcow2::BackingPolicy::Allow,
                 crate::args::BackingArg::Deny => qcow2::BackingPolicy::Deny,

@@ -110,7 +110,7 @@ pub fn serve(
         direct: config.direct,
         create_size: config.create_size,
         // The tracker keeps the persistent bitmaps valid, so the engine keeps their bit.
-        known_autoclear: qcow2::AUTOCLEAR_BITMAPS,
+        known_autoclear: qcow2_bitmaps::KNOWN_AUTOCLEAR,
         backing: config.backing,
     })?;
     if let VhostSocket::Path(socket_path) = &config.socket {

@@ -59,11 +59,25 @@ pub struct WriteToken {
     generation: u64,
 }
 
+/// Whether a marked write may be submitted (see [`BlkDevice::try_before_write`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteReady {
+    /// Submit it.
+    Go,
+    /// Not yet: the waker is called when it may be asked again.
+    Wait,
+    /// Fail it with an I/O error (the reason, for the log).
+    Fail(String),
+}
+
 /// A block device: an image, its write tracker and the guest-visible parameters.
 #[derive(Debug)]
 pub struct BlkDevice {
     image: Arc<dyn BlockImage>,
     tracker: Arc<dyn WriteTracker>,
+    /// The tracker's crash-consistency shadow: a write waits until its granules are
+    /// durable in it.
+    shadow: Option<Arc<qcow2_bitmaps::Shadow>>,
     views: crate::snapshot::Views,
     /// The format was probed as raw: writes of another format's magic to sector 0 are
     /// refused (see [`crate::disk::format_magic`]).
@@ -92,6 +106,7 @@ impl BlkDevice {
         id[..n].copy_from_slice(&serial[..n]);
         BlkDevice {
             image,
+            shadow: tracker.shadow(),
             tracker,
             views: Default::default(),
             guard_sector0: AtomicBool::new(false),
@@ -151,19 +166,24 @@ impl BlkDevice {
 
     /// Call before a write, write-zeroes or discard of `[offset, offset + len)` can reach
     /// the disk (from any path: a guest queue, an NBD client): records it in the bitmaps,
-    /// then preserves the old contents for every point-in-time view (this may wait for
-    /// copies of the same range). The order matters: a view started together with a
-    /// bitmap transaction is seen by every write recorded after that transaction.
+    /// waits until the crash-consistency shadow has its granules durably, then preserves
+    /// the old contents for every point-in-time view (this may wait for copies of the
+    /// same range). The order matters: a view started together with a bitmap transaction
+    /// is seen by every write recorded after that transaction. An error (the shadow can
+    /// be neither written nor turned off) means the write must fail.
     #[inline]
-    pub fn begin_write(&self, offset: u64, len: u64) -> WriteToken {
+    pub fn begin_write(&self, offset: u64, len: u64) -> std::io::Result<WriteToken> {
         let token = self.mark_write(offset, len);
+        if let Some(shadow) = &self.shadow {
+            shadow.cover(offset, len).map_err(std::io::Error::other)?;
+        }
         self.views.before_write(offset, len);
-        token
+        Ok(token)
     }
 
     /// The first half of [`BlkDevice::begin_write`] for callers that do not block: marks
-    /// the bitmaps; the caller then waits for [`crate::snapshot::Views::try_before_write`]
-    /// before the data may reach the disk.
+    /// the bitmaps; the caller then waits for [`BlkDevice::try_before_write`] before the
+    /// data may reach the disk.
     #[inline]
     pub fn mark_write(&self, offset: u64, len: u64) -> WriteToken {
         let generation = self.tracker.mark(offset, len);
@@ -171,6 +191,26 @@ impl BlkDevice {
             offset,
             len,
             generation,
+        }
+    }
+
+    /// The second half of [`BlkDevice::begin_write`] for callers that do not block:
+    /// whether a marked write may be submitted now. When it must wait (its shadow
+    /// granules are being synced, old contents are being copied for a view), `waker` is
+    /// called once there is progress and the caller asks again.
+    #[inline]
+    pub fn try_before_write(&self, offset: u64, len: u64, waker: &qcow2::Waker) -> WriteReady {
+        if let Some(shadow) = &self.shadow {
+            match shadow.check(offset, len, Some(waker)) {
+                qcow2_bitmaps::Cover::Ready => {}
+                qcow2_bitmaps::Cover::Pending => return WriteReady::Wait,
+                qcow2_bitmaps::Cover::Failed(why) => return WriteReady::Fail(why),
+            }
+        }
+        if self.views.try_before_write(offset, len, waker) {
+            WriteReady::Go
+        } else {
+            WriteReady::Wait
         }
     }
 
@@ -361,7 +401,13 @@ impl BlkDevice {
         };
         let mut done = 0usize;
         let mut ok = true;
-        let token = self.begin_write(offset, len as u64);
+        let token = match self.begin_write(offset, len as u64) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("write at {offset:#x} refused: {e}");
+                return Completion::status(S_IOERR);
+            }
+        };
         while done < len {
             let n = (len - done).min(buf.len());
             let chunk = &mut buf.as_mut_slice()[..n];
@@ -440,7 +486,13 @@ impl BlkDevice {
             Err(status) => return (Completion::status(status), None),
         };
         let is_discard = request_type == T_DISCARD;
-        let token = self.begin_write(offset, len);
+        let token = match self.begin_write(offset, len) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("write-zeroes/discard at {offset:#x} refused: {e}");
+                return (Completion::status(S_IOERR), None);
+            }
+        };
         let result = if is_discard {
             self.image.discard(offset, len)
         } else {

@@ -176,7 +176,7 @@ impl Export for DiskExport {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.writable()?;
-        let token = self.device.begin_write(offset, data.len() as u64);
+        let token = self.device.begin_write(offset, data.len() as u64)?;
         let r = self.device.image().write_at(data, offset);
         self.device.end_write(token);
         r.map_err(engine_error)?;
@@ -188,7 +188,7 @@ impl Export for DiskExport {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         self.writable()?;
-        let token = self.device.begin_write(offset, len);
+        let token = self.device.begin_write(offset, len)?;
         let r = self.device.image().write_zeroes(offset, len, may_trim);
         self.device.end_write(token);
         r.map_err(engine_error)?;
@@ -200,7 +200,7 @@ impl Export for DiskExport {
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.writable()?;
-        let token = self.device.begin_write(offset, len);
+        let token = self.device.begin_write(offset, len)?;
         let r = self.device.image().discard(offset, len);
         self.device.end_write(token);
         r.map_err(engine_error)

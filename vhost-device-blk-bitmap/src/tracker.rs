@@ -24,6 +24,11 @@ pub trait WriteTracker: Send + Sync + fmt::Debug {
     fn generation(&self) -> u64 {
         0
     }
+    /// The crash-consistency shadow writes must wait for (see
+    /// [`qcow2_bitmaps::Shadow::check`]) before they may reach the disk, if any.
+    fn shadow(&self) -> Option<std::sync::Arc<qcow2_bitmaps::Shadow>> {
+        None
+    }
     /// A frontend connected (e.g. set the bitmaps in-use). An error refuses the connection.
     fn on_frontend_connected(&self) -> Result<(), TrackerError>;
     /// The frontend disconnected and every request it sent has completed (e.g. store bitmaps).

@@ -37,7 +37,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{BlkDevice, RequestHeader, WriteToken};
+use crate::device::{BlkDevice, RequestHeader, WriteReady, WriteToken};
 use crate::stats::{IoKind, QueueStats};
 use crate::transport::{ChainError, GuestMem, MAX_DESCRIPTORS};
 use crate::virtio_blk::*;
@@ -465,13 +465,21 @@ impl UringQueue {
         let len = seg_len(&req.chain.out);
         // Point-in-time views first: the old contents are copied (by other threads)
         // before this write may land; meanwhile it waits here, not the queue.
-        if !self
+        match self
             .device
-            .views()
             .try_before_write(*offset, len as u64, &self.waker)
         {
-            self.deferred.push_back(slot);
-            return;
+            WriteReady::Go => {}
+            WriteReady::Wait => {
+                self.deferred.push_back(slot);
+                return;
+            }
+            WriteReady::Fail(why) => {
+                warn!("write at {offset:#x} refused: {why}");
+                req.status = S_IOERR;
+                req.flush_after = false;
+                return self.complete(slot);
+            }
         }
         let mut p = match io.begin_write(*offset, len, &self.waker) {
             Ok(Attempt::Ready(p)) => p,
@@ -541,14 +549,20 @@ impl UringQueue {
         else {
             unreachable!("try_zero on a non-zero request")
         };
-        if !*started
-            && !self
-                .device
-                .views()
-                .try_before_write(*offset, *len, &self.waker)
-        {
-            self.deferred.push_back(slot);
-            return;
+        if !*started {
+            match self.device.try_before_write(*offset, *len, &self.waker) {
+                WriteReady::Go => {}
+                WriteReady::Wait => {
+                    self.deferred.push_back(slot);
+                    return;
+                }
+                WriteReady::Fail(why) => {
+                    warn!("write-zeroes/discard at {offset:#x} refused: {why}");
+                    req.status = S_IOERR;
+                    req.flush_after = false;
+                    return self.complete(slot);
+                }
+            }
         }
         let r = if *discard {
             io.try_discard(*offset, *len, &self.waker)

@@ -5,6 +5,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The bitmaps header extension is not exactly 24 bytes.
+    /// The crash-consistency shadow could be neither written nor turned off.
+    #[error("the crash-consistency shadow of the bitmaps failed: {0}")]
+    Shadow(String),
     #[error("bitmaps_ext: Invalid extension length")]
     ExtLength,
     /// The reserved field of the bitmaps extension is not zero.

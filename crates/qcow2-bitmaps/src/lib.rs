@@ -20,6 +20,9 @@
 //!   exports), [`Bitmaps::check_resize`].
 //! * [`Bitmaps::transaction`]: several [`Action`]s all or nothing, atomically with
 //!   respect to guest writes (QMP's `transaction`).
+//! * Crash consistency: [`Bitmaps::open_with`] with `crash_consistent` keeps a
+//!   persistent [`Shadow`] while bitmaps are in use, and recovers bitmaps a crash left
+//!   in use (module [`shadow`]; open the image with [`KNOWN_AUTOCLEAR`]).
 //! * Errors: [`Error`], whose texts are QEMU's where QEMU has one.
 //!
 //! With the `testing` feature (for dev-dependencies only), `testing::MemImage` is an
@@ -31,6 +34,7 @@ pub mod limits;
 mod load;
 mod ops;
 mod set;
+pub mod shadow;
 mod store;
 mod table;
 #[cfg(any(test, feature = "testing"))]
@@ -39,9 +43,10 @@ mod txn;
 
 pub use dirty_bitmap::{DirtyBitmap, Extent};
 pub use error::{Error, Result};
-pub use load::{DEFAULT_MAX_MEMORY, WARN_LEAKS, WARN_LOST_V2, WARN_LOST_V3};
+pub use load::{OpenOptions, DEFAULT_MAX_MEMORY, WARN_LEAKS, WARN_LOST_V2, WARN_LOST_V3};
 pub use ops::{AddOptions, MergeSource};
 pub use set::{BitmapInfo, Bitmaps};
+pub use shadow::{Cover, Shadow, ShadowStats, KNOWN_AUTOCLEAR};
 pub use txn::{Action, TxnError, TxnOptions};
 
 #[cfg(test)]

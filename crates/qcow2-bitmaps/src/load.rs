@@ -11,6 +11,7 @@ use crate::format::{
     check_directory_size, parse_directory, serialize_directory, BitmapsExt, DirEntry, FLAG_IN_USE,
 };
 use crate::set::{Bitmaps, Entry, State};
+use crate::shadow::{self, Found, Shadow};
 use crate::table::load_bitmap;
 
 /// QEMU's warning when the extension is present but autoclear bit 0 is clear (v3).
@@ -27,6 +28,30 @@ struct Loaded {
     state: State,
     /// The extension was present but must be ignored (autoclear bit clear).
     drop_ext: bool,
+    /// The crash-consistency shadow found in the header (read-write opens only).
+    found: Found,
+    /// Bitmaps recovered from the shadow: name and bytes the shadow added.
+    recovered: Vec<(String, u64)>,
+}
+
+/// How [`Bitmaps::open_with`] opens a set.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenOptions {
+    /// Cap on the memory the loaded bitmaps may take in total.
+    pub max_memory: u64,
+    /// Keep a persistent shadow while bitmaps are in use, so a crash leaves them
+    /// recoverable (see the `shadow` module). A shadow found on open is used for recovery
+    /// whatever this says; with `false` it is then removed.
+    pub crash_consistent: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            max_memory: DEFAULT_MAX_MEMORY,
+            crash_consistent: false,
+        }
+    }
 }
 
 /// The default cap on the memory all loaded bitmaps of one image may take (1 GiB).
@@ -38,11 +63,17 @@ fn bitmap_memory(disk_size: u64, granularity_bits: u8) -> u64 {
     bits.div_ceil(64) * 8
 }
 
-fn read_bitmaps(img: &dyn ImageMetadata, max_memory: u64) -> Result<Loaded> {
+fn read_bitmaps(img: &dyn ImageMetadata, max_memory: u64, recover: bool) -> Result<Loaded> {
     let Some(data) = img.header_extension(EXT_BITMAPS) else {
         return Ok(Loaded {
             state: State::default(),
             drop_ext: false,
+            found: if recover {
+                shadow::read_found(img, None)
+            } else {
+                Found::default()
+            },
+            recovered: Vec::new(),
         });
     };
     if data.len() != BitmapsExt::LEN {
@@ -61,6 +92,12 @@ fn read_bitmaps(img: &dyn ImageMetadata, max_memory: u64) -> Result<Loaded> {
         return Ok(Loaded {
             state: State::default(),
             drop_ext: true,
+            found: if recover {
+                shadow::read_found(img, None)
+            } else {
+                Found::default()
+            },
+            recovered: Vec::new(),
         });
     }
     let cs = img.cluster_size();
@@ -70,12 +107,24 @@ fn read_bitmaps(img: &dyn ImageMetadata, max_memory: u64) -> Result<Loaded> {
     let mut dir = vec![0u8; ext.directory_size as usize];
     img.read_metadata(HostOffset(ext.directory_offset), &mut dir)?;
     let dir_entries = parse_directory(&dir, ext.nb_bitmaps, cs, disk_size)?;
+    let found = if recover {
+        shadow::read_found(img, Some(ext))
+    } else {
+        Found::default()
+    };
+    let covered = |i: usize| {
+        found
+            .trusted
+            .as_ref()
+            .is_some_and(|(mask, _)| mask.get(i).copied().unwrap_or(false))
+    };
     // Bounded memory whatever the directory says (its entries may even share tables):
     // the bitmaps that would be loaded must fit the cap, checked before any is read.
     let needed: u64 = dir_entries
         .iter()
-        .filter(|d| !d.in_use())
-        .map(|d| bitmap_memory(disk_size, d.granularity_bits))
+        .enumerate()
+        .filter(|(i, d)| !d.in_use() || covered(*i))
+        .map(|(_, d)| bitmap_memory(disk_size, d.granularity_bits))
         .sum();
     if needed > max_memory {
         return Err(Error::MemoryCap {
@@ -84,11 +133,33 @@ fn read_bitmaps(img: &dyn ImageMetadata, max_memory: u64) -> Result<Loaded> {
         });
     }
     let mut entries = Vec::with_capacity(dir_entries.len());
-    for d in dir_entries {
-        let bitmap = if d.in_use() {
-            None
-        } else {
+    let mut recovered = Vec::new();
+    for (i, d) in dir_entries.into_iter().enumerate() {
+        let bitmap = if !d.in_use() {
             Some(Arc::new(load_bitmap(img, &d, disk_size)?))
+        } else if covered(i) {
+            // Stored bits OR everything that may have changed since they were stored.
+            match load_bitmap(img, &d, disk_size) {
+                Ok(bm) => {
+                    let before = bm.dirty_bytes();
+                    if let Some((_, words)) = &found.trusted {
+                        let g = found.ext.map_or(0, |x| x.granularity_bits);
+                        apply_shadow(&bm, words, g);
+                    }
+                    recovered.push((d.name_lossy(), bm.dirty_bytes() - before));
+                    Some(Arc::new(bm))
+                }
+                Err(e) => {
+                    log::warn!(
+                        "bitmap '{}' cannot be recovered from the shadow: {e}; it stays \
+                         inconsistent",
+                        d.name_lossy()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
         };
         entries.push(Entry {
             name: d.name_lossy(),
@@ -105,7 +176,22 @@ fn read_bitmaps(img: &dyn ImageMetadata, max_memory: u64) -> Result<Loaded> {
             busy: Default::default(),
         },
         drop_ext: false,
+        found,
+        recovered,
     })
+}
+
+/// Sets every granule the shadow words name in `bm`.
+fn apply_shadow(bm: &dirty_bitmap::DirtyBitmap, words: &[u64], granularity_bits: u32) {
+    let g = 1u64 << granularity_bits;
+    for (wi, &w) in words.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            let b = w.trailing_zeros() as u64;
+            w &= w - 1;
+            bm.set_range((wi as u64 * 64 + b) * g, g);
+        }
+    }
 }
 
 impl Bitmaps {
@@ -132,7 +218,7 @@ impl Bitmaps {
     }
 
     fn read_only_capped(img: &dyn ImageMetadata, node: &str, max_memory: u64) -> Result<Bitmaps> {
-        let loaded = read_bitmaps(img, max_memory)?;
+        let loaded = read_bitmaps(img, max_memory, false)?;
         Ok(Bitmaps::from_state(
             node,
             true,
@@ -150,25 +236,74 @@ impl Bitmaps {
     }
 
     fn mark_in_use_capped(img: &dyn ImageMetadata, node: &str, max_memory: u64) -> Result<Bitmaps> {
+        Self::open_with(
+            img,
+            node,
+            OpenOptions {
+                max_memory,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens the bitmaps of `img` with `opts`: read-only images as
+    /// [`Bitmaps::load_read_only`]; writable ones load, recover bitmaps left in use by a
+    /// crash when a trusted shadow covers them, arm the shadow (when
+    /// `opts.crash_consistent`) and flag the loaded bitmaps IN_USE.
+    pub fn open_with(img: &dyn ImageMetadata, node: &str, opts: OpenOptions) -> Result<Bitmaps> {
         if img.is_read_only() {
-            return Err(Error::NoWriteAccess);
+            return Self::read_only_capped(img, node, opts.max_memory);
         }
-        let loaded = read_bitmaps(img, max_memory)?;
+        let loaded = read_bitmaps(img, opts.max_memory, true)?;
         if loaded.drop_ext {
             img.update_header(HeaderUpdate {
                 autoclear: None,
                 extensions: vec![(EXT_BITMAPS, None)],
             })?;
         }
-        let b = Bitmaps::from_state(
-            node,
-            false,
-            img.virtual_size(),
-            img.cluster_size(),
-            loaded.state,
-        );
+        for (name, added) in &loaded.recovered {
+            log::info!(
+                "bitmap '{name}' was in use (not stored after a crash) and is recovered from \
+                 its crash-consistency shadow: the stored bits plus {added} byte(s) that may \
+                 have changed"
+            );
+        }
+        let min_granularity = loaded
+            .state
+            .entries
+            .iter()
+            .map(|e| 1u64 << e.granularity_bits)
+            .min();
+        let vs = img.virtual_size();
+        // A shadow of ours found on disk keeps its granularity: recovered bitmaps stay
+        // covered by its bits, which carry over into this run.
+        let granularity_bits = match loaded.found.ext {
+            Some(x) if loaded.found.ours => x.granularity_bits,
+            _ => shadow::granularity_bits_for(vs, min_granularity),
+        };
+        let shadow = Shadow::new(vs, granularity_bits, opts.crash_consistent);
+        shadow.adopt(&loaded.found);
+        if !opts.crash_consistent {
+            // Recovery is done; a shadow left on disk would go stale from now on.
+            shadow.remove_from_header(img)?;
+        }
+        let mut b = Bitmaps::from_state(node, false, vs, img.cluster_size(), loaded.state);
+        b.shadow = Some(Arc::new(shadow));
+        b.recovered = loaded.recovered;
         b.mark_in_use_again(img)?;
         Ok(b)
+    }
+
+    /// The crash-consistency shadow of a writable set (run its syncer with
+    /// [`Shadow::run_syncer`]; writes ask it with [`Shadow::check`] / [`Shadow::cover`]).
+    pub fn shadow(&self) -> Option<&Arc<Shadow>> {
+        self.shadow.as_ref()
+    }
+
+    /// The bitmaps recovered from the shadow on open: name and the bytes the shadow
+    /// added to the stored bits.
+    pub fn recovered(&self) -> &[(String, u64)] {
+        &self.recovered
     }
 
     /// Sets IN_USE on disk for every loaded (consistent, persistent) bitmap whose entry
@@ -180,6 +315,7 @@ impl Bitmaps {
         let mut st = self.lock();
         let mut changed = false;
         let mut new_dir: Vec<DirEntry> = Vec::new();
+        let mut consistent = Vec::new();
         for e in &st.entries {
             if let Some(d) = &e.disk {
                 let mut d = d.clone();
@@ -188,6 +324,22 @@ impl Bitmaps {
                     changed = true;
                 }
                 new_dir.push(d);
+                consistent.push(e.bitmap.is_some() && e.persistent);
+            }
+        }
+        // The shadow first: every covered bitmap must be durable in it before the first
+        // IN_USE flag that makes its stored bits stale can reach the disk.
+        if let Some(s) = &self.shadow {
+            let covered = shadow::coverage(&new_dir, &consistent);
+            if covered.iter().any(|&c| c) && !s.is_armed() {
+                if let Err(e) = s.arm(img, st.ext, &covered) {
+                    log::error!(
+                        "could not set up the crash-consistency shadow of the bitmaps: {e}; a \
+                         crash will leave them in use (inconsistent)"
+                    );
+                    s.disable(img, e.to_string())
+                        .map_err(|e| Error::InUseUpdate(Box::new(e)))?;
+                }
             }
         }
         if !changed {
@@ -202,9 +354,12 @@ impl Bitmaps {
     }
 }
 
-/// Rewrites the directory in place with only flags changed: clear autoclear bit 0 (header
-/// and sync), write the directory, rewrite the header (+ sync), set the bit again (+ sync).
-/// A crash in between leaves the bit clear, so every bitmap counts as lost, never stale.
+/// Rewrites the directory in place with only flags changed, in QEMU's order: clear
+/// autoclear bit 0 (header, sync), write the directory, rewrite the header (sync), set
+/// the bit again (header, sync). A crash in between leaves the bit clear, so every
+/// bitmap counts as lost, never stale. Four syncs in all, each explained below
+/// (`Qcow2Image::update_header` syncs before its header write only when the new header
+/// points at something new).
 fn update_in_place(img: &dyn ImageMetadata, st: &State, new_dir: &[DirEntry]) -> Result<()> {
     let ext = st.ext.ok_or(Error::BrokenDirectory)?;
     let bytes = serialize_directory(new_dir);
@@ -212,12 +367,21 @@ fn update_in_place(img: &dyn ImageMetadata, st: &State, new_dir: &[DirEntry]) ->
         return Err(Error::BrokenDirectory);
     }
     let autoclear = img.autoclear_features();
+    // Sync 1, after the header write: the cleared bit is durable before the directory
+    // is overwritten, so no crash pairs a set bit with a torn or half-flagged directory.
+    // None before it: a header that only clears a bit points at nothing new.
     img.update_header(HeaderUpdate {
         autoclear: Some(autoclear & !AUTOCLEAR_BITMAPS),
         extensions: Vec::new(),
     })?;
     img.write_metadata(HostOffset(ext.directory_offset), &bytes)?;
+    // QEMU's header rewrite after the directory (the same header: offset and size are
+    // unchanged). Sync 2, after it: the new directory is durable before the bit can be.
+    // None before it: an unchanged header points at nothing new.
     img.update_header(HeaderUpdate::default())?;
+    // Sync 3, before the header write (setting a bit publishes): nothing was written
+    // since sync 2, but update_header cannot know that, as it does not see the writes
+    // made through write_metadata. Sync 4, after it: the set bit is durable on return.
     img.update_header(HeaderUpdate {
         autoclear: Some(autoclear | AUTOCLEAR_BITMAPS),
         extensions: Vec::new(),

@@ -9,7 +9,7 @@ use qcow2::ImageMetadata;
 use crate::error::{Error, Result};
 use crate::limits::{check_granularity_arg, default_granularity, MAX_NAME_SIZE};
 use crate::set::{Bitmaps, Entry, State};
-use crate::store::{free_allocated, free_old, switch_header, write_directory};
+use crate::store::{free_allocated, free_old, write_directory};
 
 /// Options of [`Bitmaps::add`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,7 +115,14 @@ impl Bitmaps {
                     return Err(e);
                 }
             };
-            switch_header(img, ext)?;
+            let consistent: Vec<bool> = st
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| *i != idx && e.disk.is_some())
+                .map(|(_, e)| e.bitmap.is_some() && e.persistent)
+                .collect();
+            self.switch(img, ext, &remaining, &consistent)?;
             let old_ext = st.ext;
             st.ext = ext;
             st.entries.remove(idx);
@@ -190,7 +197,8 @@ impl Bitmaps {
                 dst.merge_from(s).map_err(|_| Error::Incompatible)?;
             }
         }
-        Ok(())
+        drop(st);
+        self.shadow_cover(&srcs)
     }
 
     /// Every extent (dirty or clean, in guest bytes) of a consistent bitmap.
@@ -215,5 +223,18 @@ impl Bitmaps {
         } else {
             Err(Error::ResizeWithBitmaps(names.join(", ")))
         }
+    }
+}
+
+impl Bitmaps {
+    /// Makes the set bits of `bitmaps` durable in the crash-consistency shadow (after they
+    /// were merged into a covered bitmap: a crash must not lose them). Blocks for the
+    /// shadow's syncer; does nothing when the shadow is not armed.
+    pub(crate) fn shadow_cover(&self, bitmaps: &[Arc<DirtyBitmap>]) -> Result<()> {
+        let Some(shadow) = self.shadow.as_ref().filter(|s| s.is_armed()) else {
+            return Ok(());
+        };
+        let ranges: Vec<(u64, u64)> = bitmaps.iter().flat_map(|b| b.dirty_extents()).collect();
+        shadow.cover_ranges(&ranges).map_err(Error::Shadow)
     }
 }

@@ -153,6 +153,10 @@ pub struct Bitmaps {
     /// Bumped by every transaction commit (see [`Bitmaps::generation`]).
     pub(crate) generation: AtomicU64,
     state: Mutex<State>,
+    /// The crash-consistency shadow (writable sets opened by `open_with`).
+    pub(crate) shadow: Option<Arc<crate::shadow::Shadow>>,
+    /// Bitmaps recovered from the shadow on open (name, bytes added).
+    pub(crate) recovered: Vec<(String, u64)>,
 }
 
 impl std::fmt::Debug for Bitmaps {
@@ -183,6 +187,8 @@ impl Bitmaps {
             gate: MarkGate::default(),
             generation: AtomicU64::new(0),
             state: Mutex::new(state),
+            shadow: None,
+            recovered: Vec::new(),
         };
         b.publish(&b.lock());
         b

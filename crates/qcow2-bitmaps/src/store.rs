@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::{directory_size, serialize_directory, BitmapsExt, DirEntry, FLAG_AUTO};
 use crate::limits::{MAX_BITMAPS, MAX_DIRECTORY_SIZE};
 use crate::set::{Bitmaps, State};
+use crate::shadow::{self, Shadow};
 use crate::table::{clusters_for, free_bitmap_clusters, write_bitmap};
 
 /// Frees clusters this operation allocated (they are referenced by nothing on disk).
@@ -54,21 +55,67 @@ pub(crate) fn write_directory(
 }
 
 /// Points the header at `ext` (autoclear bit 0 set), or removes the extension and clears
-/// the bit when `ext` is `None`. `update_header` flushes first and syncs after; callers
+/// the bit when `ext` is `None`; with `remove_shadow` the same header write also removes
+/// the crash-consistency shadow. `update_header` flushes first and syncs after; callers
 /// also flush before (so a failed flush is known to leave the header untouched).
-pub(crate) fn switch_header(img: &dyn ImageMetadata, ext: Option<BitmapsExt>) -> Result<()> {
-    let ac = img.autoclear_features();
+pub(crate) fn switch_header(
+    img: &dyn ImageMetadata,
+    ext: Option<BitmapsExt>,
+    remove_shadow: bool,
+) -> Result<()> {
+    let mut ac = img.autoclear_features();
+    let mut extensions = Vec::new();
+    if remove_shadow {
+        let (without, shadow_ext) = Shadow::header_removal(img);
+        ac = without;
+        extensions.extend(shadow_ext);
+    }
     let update = match ext {
-        Some(x) => HeaderUpdate {
-            autoclear: Some(ac | AUTOCLEAR_BITMAPS),
-            extensions: vec![(EXT_BITMAPS, Some(x.to_bytes()))],
-        },
-        None => HeaderUpdate {
-            autoclear: Some(ac & !AUTOCLEAR_BITMAPS),
-            extensions: vec![(EXT_BITMAPS, None)],
-        },
+        Some(x) => {
+            extensions.push((EXT_BITMAPS, Some(x.to_bytes())));
+            HeaderUpdate {
+                autoclear: Some(ac | AUTOCLEAR_BITMAPS),
+                extensions,
+            }
+        }
+        None => {
+            extensions.push((EXT_BITMAPS, None));
+            HeaderUpdate {
+                autoclear: Some(ac & !AUTOCLEAR_BITMAPS),
+                extensions,
+            }
+        }
     };
     img.update_header(update).map_err(Error::UpdateExtension)
+}
+
+impl Bitmaps {
+    /// Switches the header to the directory `dir` (extension `ext`), keeping the
+    /// crash-consistency shadow for the entries that stay covered (`consistent[i]`: entry
+    /// `i` of `dir` is tracked in memory) or removing it in the same header write when
+    /// none does, then freeing its clusters.
+    pub(crate) fn switch(
+        &self,
+        img: &dyn ImageMetadata,
+        ext: Option<BitmapsExt>,
+        dir: &[DirEntry],
+        consistent: &[bool],
+    ) -> Result<()> {
+        let keep = match &self.shadow {
+            Some(s) => s.prepare_switch(img, ext, &shadow::coverage(dir, consistent))?,
+            None => false,
+        };
+        let on_disk = img.header_extension(shadow::EXT_SHADOW).is_some()
+            || img.autoclear_features() & shadow::AUTOCLEAR_SHADOW != 0;
+        let remove = !keep && on_disk;
+        switch_header(img, ext, remove)?;
+        if remove {
+            if let Some(s) = &self.shadow {
+                s.after_removal(img);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Frees what the old on-disk state referenced and the new one does not: the old
@@ -137,7 +184,9 @@ impl Bitmaps {
                 return Err(lost(e, &st));
             }
         };
-        if let Err(e) = switch_header(img, ext) {
+        // Nothing stays covered after a store (its entries lose IN_USE): the same header
+        // write removes the shadow.
+        if let Err(e) = self.switch(img, ext, &[], &[]) {
             // The header may already point at the new clusters: leak rather than free.
             log::warn!(
                 "bitmap store failed while switching the header; new clusters are left allocated"

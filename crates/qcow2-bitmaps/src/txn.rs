@@ -24,7 +24,7 @@ use crate::format::{DirEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::limits::{check_granularity_arg, default_granularity, MAX_NAME_SIZE};
 use crate::ops::{AddOptions, MergeSource};
 use crate::set::{Bitmaps, Entry};
-use crate::store::{free_allocated, free_old, switch_header, write_directory};
+use crate::store::{free_allocated, free_old, write_directory};
 use crate::table::write_bitmap;
 
 /// One action of [`Bitmaps::transaction`].
@@ -173,10 +173,12 @@ impl Bitmaps {
         if dir_changed {
             let mut allocated = Vec::new();
             let mut dir = Vec::new();
+            let mut consistent = Vec::new();
             let written = (|| -> Result<()> {
                 for (i, s) in staged.iter().enumerate() {
                     if let Some(d) = &s.disk {
                         dir.push(d.clone());
+                        consistent.push(s.bitmap.is_some() && s.persistent);
                     } else if s.new && s.persistent && opts.persist_new_in_use {
                         let bm = s.bitmap.as_ref().ok_or(Error::BrokenDirectory)?;
                         let (table_offset, table_size) =
@@ -190,11 +192,12 @@ impl Bitmaps {
                         };
                         new_disk.push((i, d.clone()));
                         dir.push(d);
+                        consistent.push(true);
                     }
                 }
                 let ext = write_directory(img, &dir, &mut allocated)?;
                 img.flush_metadata().map_err(Error::UpdateExtension)?;
-                switch_header(img, ext)?;
+                self.switch(img, ext, &dir, &consistent)?;
                 st.ext = ext;
                 Ok(())
             })();
@@ -258,7 +261,13 @@ impl Bitmaps {
         if dir_changed && old_ext != new_ext {
             free_old(img, old_ext, &removed_disk);
         }
-        Ok(())
+        // Merged bits must survive a crash like written ones.
+        let sources: Vec<Arc<DirtyBitmap>> =
+            merges.into_iter().flat_map(|(_, srcs)| srcs).collect();
+        self.shadow_cover(&sources).map_err(|error| TxnError {
+            index: actions.len().saturating_sub(1),
+            error,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1278,7 +1278,21 @@ impl ImageMetadata for Qcow2Image {
         let mut m = self.lock();
         self.writable(&m)?;
         m.writeback()?;
-        m.sync()?;
+        // Sync before the header write so that whatever the new header points at (a new
+        // bitmap directory, the clusters allocated for it) is durable first. An update
+        // that changes nothing, only clears autoclear bits and/or drops extensions makes
+        // the header point at nothing new: no earlier write has to reach the disk before
+        // it (the sync after the write still makes everything durable before this
+        // returns), so that sync is skipped. The rest of m.header was made durable before
+        // it got there: an update that points at something new reaches m.header only
+        // after this sync succeeded, a new refcount table is synced before it is named.
+        let publishes = update
+            .autoclear
+            .is_some_and(|a| a & !m.header.autoclear_features != 0)
+            || update.extensions.iter().any(|(_, data)| data.is_some());
+        if publishes {
+            m.sync()?;
+        }
         let saved = m.header.clone();
         if let Some(a) = update.autoclear {
             if m.header.version < 3 {
@@ -1341,6 +1355,21 @@ impl ImageMetadata for Qcow2Image {
 
     fn flush_metadata(&self) -> Result<()> {
         self.flush_all()
+    }
+
+    fn write_owned(&self, offset: HostOffset, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.storage
+            .write_at(buf, offset.0)
+            .ctx(|| format!("writing {} bytes at {offset}", buf.len()))
+    }
+
+    fn sync_owned(&self) -> Result<()> {
+        self.storage
+            .sync()
+            .ctx(|| "syncing the image file".to_string())
     }
 }
 

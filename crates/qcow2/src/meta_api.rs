@@ -50,6 +50,16 @@ pub trait ImageMetadata: Send + Sync {
     fn write_metadata(&self, offset: HostOffset, buf: &[u8]) -> Result<()>;
     /// Writes every cached metadata table and syncs the file.
     fn flush_metadata(&self) -> Result<()>;
+    /// Writes bytes into clusters the caller allocated and owns (not engine metadata)
+    /// without taking the metadata lock, so guest I/O is not held up.
+    fn write_owned(&self, offset: HostOffset, buf: &[u8]) -> Result<()> {
+        self.write_metadata(offset, buf)
+    }
+    /// Makes every completed write to the file durable (fdatasync), without writing back
+    /// cached metadata or taking the metadata lock.
+    fn sync_owned(&self) -> Result<()> {
+        self.flush_metadata()
+    }
     /// Size of the image file in bytes, when known: clusters named by other structures
     /// must lie inside it.
     fn file_len(&self) -> Option<u64> {

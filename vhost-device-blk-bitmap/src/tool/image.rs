@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use qcow2::{OpenOptions, Qcow2Image, AUTOCLEAR_BITMAPS};
+use qcow2::{OpenOptions, Qcow2Image};
 use qcow2_bitmaps::Bitmaps;
 
 use super::error::ToolError;
@@ -33,7 +33,7 @@ pub fn open(path: &Path, writable: bool) -> Result<Opened, ToolError> {
         path,
         &OpenOptions {
             read_only: !writable,
-            known_autoclear: AUTOCLEAR_BITMAPS,
+            known_autoclear: qcow2_bitmaps::KNOWN_AUTOCLEAR,
             ..Default::default()
         },
     )

@@ -4,6 +4,7 @@ mod faults;
 mod format;
 mod lifecycle;
 mod props;
+mod shadow;
 mod txn;
 
 use crate::format::{BitmapsExt, DirEntry};
