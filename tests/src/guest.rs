@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{E2eError, Result};
@@ -158,7 +159,10 @@ impl GuestEnv {
                 cfg.memory_mib
             ))
             .args(["-numa", "node,memdev=mem", "-chardev"])
-            .arg(format!("socket,id=vu,path={sock}"))
+            .arg(format!(
+                "socket,id=vu,path={sock}{}",
+                reconnect_opt(cfg.reconnect)
+            ))
             .arg("-device")
             .arg(format!(
                 "vhost-user-blk-pci,chardev=vu,num-queues={}",
@@ -186,9 +190,26 @@ impl GuestEnv {
             source,
         })?;
         let mut guard = ChildGuard::new(child, &text);
-        let status = guard.wait_timeout(cfg.timeout)?;
-        let timed_out = status.is_none();
-        if timed_out {
+        let deadline = start + cfg.timeout;
+        let cancelled = || {
+            cfg.cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+        };
+        let (status, is_cancelled) = loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            let status = guard.wait_timeout(slice)?;
+            if status.is_some() || Instant::now() >= deadline {
+                break (status, false);
+            }
+            if cancelled() {
+                break (None, true);
+            }
+        };
+        let timed_out = status.is_none() && !is_cancelled;
+        if status.is_none() {
             guard.kill();
         }
         let elapsed = start.elapsed();
@@ -203,8 +224,23 @@ impl GuestEnv {
             qemu_stderr: read_file_lossy(&stderr_path),
             qemu_status: status,
             timed_out,
+            cancelled: is_cancelled,
             elapsed,
         })
+    }
+}
+
+/// The chardev option that makes QEMU reconnect to a vhost-user server that went away.
+/// The guest's QEMU is 7.2 (from `resources/build-guest.sh`), which knows only
+/// `reconnect=SECONDS` (`reconnect-ms` came with 9.2), so the delay is rounded up to
+/// whole seconds (at least 1).
+fn reconnect_opt(delay: Option<Duration>) -> String {
+    match delay {
+        None => String::new(),
+        Some(d) => {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            format!(",reconnect={}", secs.max(1))
+        }
     }
 }
 
@@ -278,6 +314,14 @@ pub struct GuestConfig {
     pub timeout: Duration,
     /// Accelerator; `None` = [`Accel::detect`].
     pub accel: Option<Accel>,
+    /// When set, QEMU reconnects to the vhost-user socket this long after the server
+    /// went away (chardev `reconnect=`, whole seconds), and the guest's disk resumes
+    /// with the server started again on the same path; `None` (the default): no
+    /// reconnection.
+    pub reconnect: Option<Duration>,
+    /// When set, QEMU is killed as soon as the flag becomes true (e.g. a host-side part of
+    /// the test failed and the guest would only wait for it until the timeout).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl GuestConfig {
@@ -290,7 +334,22 @@ impl GuestConfig {
             memory_mib: 512,
             timeout,
             accel: None,
+            reconnect: None,
+            cancel: None,
         }
+    }
+
+    /// The same with QEMU reconnecting to the socket `delay` after the server went away
+    /// (see [`GuestConfig::reconnect`]).
+    pub fn with_reconnect(mut self, delay: Duration) -> Self {
+        self.reconnect = Some(delay);
+        self
+    }
+
+    /// The same, killed early when `flag` becomes true (see [`GuestConfig::cancel`]).
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
     }
 }
 
@@ -307,6 +366,8 @@ pub struct GuestOutcome {
     pub qemu_status: Option<ExitStatus>,
     /// Whether the timeout expired.
     pub timed_out: bool,
+    /// Whether QEMU was killed because [`GuestConfig::cancel`] was set.
+    pub cancelled: bool,
     /// Launch to exit.
     pub elapsed: Duration,
 }
@@ -317,6 +378,8 @@ impl GuestOutcome {
     pub fn check_success(&self) -> Result<()> {
         let reason = if self.timed_out {
             format!("timed out after {:?}", self.elapsed)
+        } else if self.cancelled {
+            format!("cancelled by the test after {:?}", self.elapsed)
         } else if self.exit_status != Some(0) {
             match self.exit_status {
                 Some(n) => format!("script exited with status {n}"),
@@ -368,5 +431,16 @@ mod tests {
         assert_eq!(parse_exit_marker("E2E-EXIT 17\r"), Some(17));
         assert_eq!(parse_exit_marker("E2E-EXIT x\nnothing"), None);
         assert_eq!(parse_exit_marker(""), None);
+    }
+
+    #[test]
+    fn reconnect_option_in_whole_seconds() {
+        assert_eq!(reconnect_opt(None), "");
+        assert_eq!(reconnect_opt(Some(Duration::from_secs(1))), ",reconnect=1");
+        assert_eq!(
+            reconnect_opt(Some(Duration::from_millis(1500))),
+            ",reconnect=2"
+        );
+        assert_eq!(reconnect_opt(Some(Duration::ZERO)), ",reconnect=1");
     }
 }

@@ -6,13 +6,24 @@
 //! of the same disk) as soon as the point-in-time view exists, so the guest's next phase
 //! runs while the backup is being copied. Each restored backup must equal the disk as it
 //! was at its instant, which the host knows from the guest's script.
+//!
+//! A second test kills the daemon (SIGKILL) between a full and an incremental backup
+//! while the VM keeps running: the restarted daemon recovers bitmap `b0` from its
+//! crash-consistency shadow, QEMU reconnects to it, the guest goes on writing, and the
+//! full backup plus an incremental of `b0`'s dirty extents restores the final disk.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e::tools::{qemu_img_create_qcow2, require_tools};
-use e2e::{daemon_binary, daemon_command, qemu_img_check, Backend, Guest, GuestScript};
+use e2e::tools::{merge_extents, qemu_img_compare, qemu_img_create_qcow2, qemu_io, require_tools};
+use e2e::{
+    bitmap_dirty_extents, daemon_binary, daemon_command, qemu_img_check, qemu_img_info_json,
+    Backend, Guest, GuestConfig, GuestEnv, GuestScript,
+};
+use serde_json::Value;
 
 const SIZE: u64 = 64 << 20;
 const K64: u64 = 65536;
@@ -264,4 +275,384 @@ fn daemon_guest_full_and_incremental_backups_restore_each_instant() {
         .stop(Duration::from_secs(20))
         .expect("daemon exits 0 on SIGTERM");
     qemu_img_check(&image).expect("qemu-img check");
+}
+
+const M: u64 = 1 << 20;
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The daemon's log line for a bitmap recovered from the shadow after a crash.
+const RECOVERED: &str = "bitmap 'b0' was in use (not stored after a crash) and is recovered \
+                         from its crash-consistency shadow";
+
+/// Phase `k` of the crash test's guest writes: 1 before the full backup, 2 between the
+/// full backup and the SIGKILL, 3 after QEMU reconnected to the restarted daemon (first
+/// reading back what phases 1 and 2 left). Phases 2 and 3 discard and zero data of the
+/// earlier phases, so the incremental backup must carry zeroes too.
+fn crash_phase(k: u8) -> GuestScript {
+    let g = K64;
+    let s = GuestScript::new("/dev/vda");
+    match k {
+        1 => s
+            .write(M + 4096, 8192, 0x11)
+            .write(2 * M, 4 * g, 0x21)
+            .write(3 * M, 2 * g, 0x31)
+            .write(20 * M + 512, 1024, 0x41),
+        2 => s
+            .write(M + 4096, 4096, 0x12)
+            .discard(2 * M + g, 2 * g)
+            .write_zeroes(3 * M + 4096, 8192)
+            .write(5 * M + 3 * g, 5 * g, 0x22)
+            .write(40 * M, 512, 0x32),
+        _ => s
+            .verify(M + 4096, 4096, 0x12)
+            .verify(M + 8192, 4096, 0x11)
+            .verify(2 * M, g, 0x21)
+            .verify(2 * M + g, 2 * g, 0)
+            .verify(2 * M + 3 * g, g, 0x21)
+            .verify(3 * M, 4096, 0x31)
+            .verify(3 * M + 4096, 8192, 0)
+            .verify(5 * M + 3 * g, 5 * g, 0x22)
+            .verify(40 * M, 512, 0x32)
+            .write(M + 8192, 4096, 0x13)
+            .write(30 * M, 3 * g, 0x23)
+            .write_zeroes(5 * M + 4 * g, g)
+            .discard(2 * M, g)
+            .write(50 * M + 4096, 4096, 0x33),
+    }
+}
+
+/// Sets its flag when dropped during a panic: the host side of a test tells the guest's
+/// runner to stop waiting for it.
+struct CancelOnPanic(Arc<AtomicBool>);
+
+impl Drop for CancelOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Flags of bitmap `name` as `qemu-img info -U` shows them.
+fn bitmap_flags(image: &Path, name: &str) -> Vec<String> {
+    let info = qemu_img_info_json(image, true).unwrap_or_else(|e| panic!("{e}"));
+    info.pointer("/format-specific/data/bitmaps")
+        .and_then(Value::as_array)
+        .and_then(|l| l.iter().find(|b| b["name"] == name))
+        .and_then(|b| b["flags"].as_array())
+        .unwrap_or_else(|| panic!("no bitmap {name}: {info}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Indexes of the `granularity`-sized granules that `(offset, len)` extents touch.
+fn granules(extents: &[(u64, u64)], granularity: u64) -> std::collections::BTreeSet<u64> {
+    extents
+        .iter()
+        .flat_map(|&(s, l)| s / granularity..(s + l).div_ceil(granularity))
+        .collect()
+}
+
+fn qemu_img(args: &[&str], paths: &[&Path]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .args(paths)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} {paths:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The raw file `path` holds exactly `want` (else: the first byte that differs).
+fn assert_raw_equals(path: &Path, want: &[u8], what: &str) {
+    let got = std::fs::read(path).expect("raw image");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what} differs from the model at byte {i}: {:#x} instead of {:#x}",
+            got[i], want[i]
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{what}: size");
+}
+
+/// SIGKILL of the daemon while the VM runs, between a full and an incremental backup.
+/// The guest writes phase 1; the host takes a full backup (a point-in-time export made in
+/// one transaction with clearing `b0`); the guest writes phase 2 (writes, a discard, a
+/// write-zeroes over phase 1's data), flushes and hands over; with the guest idle the host
+/// kills the daemon and starts it again on the same sockets with `--bitmap b0`: it must
+/// start, log that `b0` was recovered from its shadow, and QEMU (chardev `reconnect=1`)
+/// must reconnect. The guest reads phases 1–2 back and writes phase 3. After the VM
+/// powers off and the daemon stops cleanly: `b0` is not in use, `qemu-img check` is
+/// clean, `b0` marks at least every granule written since the full backup (the shadow
+/// may add granules of its 1 MiB resolution, nothing outside those), the image equals
+/// the model, and the full backup plus an incremental of `b0`'s dirty extents equals the
+/// final disk.
+#[test]
+fn daemon_guest_sigkill_recovers_bitmap_and_incremental_restores_final_disk() {
+    if require_tools(&["qemu-img", "qemu-io", "qemu-nbd"]).is_none() || !have_libnbd() {
+        return;
+    }
+    let bin = daemon_binary().unwrap_or_else(|e| panic!("{e}"));
+    let env = GuestEnv::ensure().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    let socket = dir.path().join("vhost.sock");
+    let qmp = dir.path().join("qmp.sock");
+    let nbd = dir.path().join("nbd.sock");
+    let full = dir.path().join("full.qcow2");
+    qemu_img_create_qcow2(&image, SIZE).expect("qemu-img create");
+    let args: Vec<String> = [
+        "--bitmap",
+        "b0",
+        "--qmp-socket",
+        qmp.to_str().expect("utf-8"),
+        "--nbd-socket",
+        nbd.to_str().expect("utf-8"),
+        "--export-name",
+        "rw",
+        "--export-writable",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Both starts use the same sockets; a killed daemon leaves its socket files behind.
+    let start = {
+        let (bin, image, socket, nbd) = (bin.clone(), image.clone(), socket.clone(), nbd.clone());
+        move || {
+            let _ = std::fs::remove_file(&socket);
+            let _ = std::fs::remove_file(&nbd);
+            let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+            Backend::spawn(
+                daemon_command(&bin, &image, &socket, 1, &extra),
+                &socket,
+                STOP_TIMEOUT,
+            )
+            .unwrap_or_else(|e| panic!("daemon start: {e}"))
+        }
+    };
+    let daemon = Arc::new(Mutex::new(Some(start())));
+    assert_eq!(bitmap_flags(&image, "b0"), vec!["in-use", "auto"]);
+
+    // The guest: phase k, flush, marker k, flush, and (k < 3) wait for signal k.
+    let mut script = GuestScript::new("/dev/vda").write_cache(true);
+    for k in 1..=3u8 {
+        script = script
+            .then(&crash_phase(k))
+            .flush()
+            .write(MARKER, 512, k)
+            .flush();
+        if k < 3 {
+            script = script.wait_for(SIGNAL, 0xb0 + k);
+        }
+    }
+    // The disk at the full backup's instant, what changed after it, the final disk.
+    let at_full = crash_phase(1).write(MARKER, 512, 1);
+    let since_full = GuestScript::new("/dev/vda")
+        .write(SIGNAL, 512, 0xb1)
+        .then(&crash_phase(2))
+        .write(MARKER, 512, 2)
+        .write(SIGNAL, 512, 0xb2)
+        .then(&crash_phase(3))
+        .write(MARKER, 512, 3);
+    let all = at_full.clone().then(&since_full);
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    let host = {
+        let (bin, qmp, nbd, image, full) = (
+            bin.clone(),
+            qmp.clone(),
+            nbd.clone(),
+            image.clone(),
+            full.clone(),
+        );
+        let daemon = daemon.clone();
+        let cancel = CancelOnPanic(cancel.clone());
+        std::thread::spawn(move || {
+            let _cancel = cancel;
+            wait_marker(&nbd, 1);
+            // The full backup: a point-in-time view and an empty b0 at the same instant.
+            ctl(
+                &bin,
+                &qmp,
+                &[
+                    "transaction",
+                    r#"{"actions": [
+                    {"type": "block-dirty-bitmap-clear", "data": {"node": "disk0", "name": "b0"}},
+                    {"type": "block-export-add", "data": {"type": "nbd", "id": "backup",
+                     "node-name": "disk0", "name": "backup", "x-snapshot": true}}]}"#,
+                ],
+            );
+            // Phase 2 runs while the view is copied.
+            write_signal(&nbd, 0xb1);
+            qemu_img(
+                &["convert", "-f", "raw", "-O", "qcow2"],
+                &[
+                    Path::new(&format!("nbd+unix:///backup?socket={}", nbd.display())),
+                    &full,
+                ],
+            );
+            ctl(
+                &bin,
+                &qmp,
+                &["block-export-del", r#"{"id": "backup", "mode": "hard"}"#],
+            );
+            wait_marker(&nbd, 2);
+            // The guest flushes after the marker, then only polls the signal sector.
+            std::thread::sleep(Duration::from_secs(1));
+            let old = daemon.lock().expect("daemon").take().expect("daemon");
+            let old_log = old.log();
+            let t = Instant::now();
+            let status = old.kill();
+            eprintln!("daemon killed ({status:?}); its log:\n{old_log}");
+            assert_eq!(
+                bitmap_flags(&image, "b0"),
+                vec!["in-use", "auto"],
+                "b0 after the SIGKILL"
+            );
+            // Read-only: a read-write open by QEMU would (rightly) untrust the shadow.
+            let check = Command::new("qemu-img")
+                .args(["check", "-U"])
+                .arg(&image)
+                .output()
+                .expect("qemu-img check");
+            eprintln!(
+                "qemu-img check -U after the SIGKILL ({}):\n{}{}",
+                check.status,
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+            let new = start();
+            let log = new.log();
+            eprintln!("restarted in {:.1?}; its log:\n{log}", t.elapsed());
+            assert!(log.contains(RECOVERED), "no recovery of b0 logged:\n{log}");
+            *daemon.lock().expect("daemon") = Some(new);
+            // QEMU reconnects within a second; the guest sees the signal once it has.
+            write_signal(&nbd, 0xb2);
+            eprintln!("signalled the restart after {:.1?}", t.elapsed());
+            wait_marker(&nbd, 3);
+            eprintln!(
+                "the guest finished phase 3 {:.1?} after the kill",
+                t.elapsed()
+            );
+        })
+    };
+
+    let text = script.render().expect("valid script");
+    let cfg = GuestConfig::new(&socket, 1, GUEST_TIMEOUT)
+        .with_reconnect(Duration::from_secs(1))
+        .with_cancel(cancel);
+    let outcome = env
+        .run(&cfg, &text)
+        .unwrap_or_else(|e| panic!("guest could not run: {e}"));
+    if outcome.cancelled {
+        // The host side failed (its panic message is above): report that.
+        if let Err(p) = host.join() {
+            std::panic::resume_unwind(p);
+        }
+        unreachable!("cancelled without a failure of the host side");
+    }
+    let daemon_log = || {
+        daemon
+            .lock()
+            .map(|d| d.as_ref().map(Backend::log).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    if let Err(e) = outcome.check_success() {
+        let log = daemon_log();
+        // Kill the daemon so that the host thread's waits fail fast.
+        drop(daemon.lock().map(|mut d| d.take()));
+        panic!(
+            "{e}\n--- qemu stderr ---\n{}\n--- daemon log ---\n{log}",
+            outcome.qemu_stderr
+        );
+    }
+    eprintln!(
+        "guest finished in {:.1?}; qemu stderr: {}",
+        outcome.elapsed, outcome.qemu_stderr
+    );
+    host.join().expect("host thread");
+    let backend = daemon.lock().expect("daemon").take().expect("daemon");
+    backend
+        .stop(STOP_TIMEOUT)
+        .expect("daemon exits 0 on SIGTERM");
+
+    // The recovered bitmap was stored cleanly; QEMU finds the image consistent.
+    assert_eq!(bitmap_flags(&image, "b0"), vec!["auto"], "b0 after SIGTERM");
+    qemu_img_check(&image).unwrap_or_else(|e| panic!("qemu-img check: {e}"));
+
+    // b0 holds every granule changed since the full backup; whatever more the shadow
+    // added lies in the 1 MiB regions written since the daemon first started.
+    let dirty = bitmap_dirty_extents(&image, "b0").expect("b0's dirty extents");
+    let want = granules(&since_full.expected_dirty_extents(K64, SIZE), K64);
+    let got = granules(&dirty, K64);
+    let missing: Vec<u64> = want.difference(&got).map(|g| g * K64).collect();
+    assert!(
+        missing.is_empty(),
+        "b0 lacks granules at {missing:x?} (dirty: {dirty:x?})"
+    );
+    let coarse = granules(&all.expected_dirty_extents(M, SIZE), M);
+    let extra: Vec<u64> = got.difference(&want).map(|g| g * K64).collect();
+    assert!(
+        extra.iter().all(|o| coarse.contains(&(o / M))),
+        "b0 marks granules nothing wrote near: {extra:x?}"
+    );
+    eprintln!(
+        "b0: {} granules dirty, {} of them beyond the changes since the full backup: {:x?}",
+        got.len(),
+        extra.len(),
+        merge_extents(extra.iter().map(|&o| (o, K64)).collect())
+    );
+
+    // The final disk equals the model; the full backup equals the disk at its instant.
+    let final_raw = dir.path().join("final.raw");
+    qemu_img(
+        &["convert", "-f", "qcow2", "-O", "raw"],
+        &[&image, &final_raw],
+    );
+    assert_raw_equals(
+        &final_raw,
+        &all.expected_contents(SIZE).expect("model"),
+        "the final disk",
+    );
+    let full_raw = dir.path().join("full.raw");
+    qemu_img(
+        &["convert", "-f", "qcow2", "-O", "raw"],
+        &[&full, &full_raw],
+    );
+    assert_raw_equals(
+        &full_raw,
+        &at_full.expected_contents(SIZE).expect("model"),
+        "the full backup",
+    );
+
+    // The incremental: b0's dirty extents of the final disk over the full backup.
+    let inc = dir.path().join("inc.qcow2");
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"],
+        &[&full, &inc, Path::new(&SIZE.to_string())],
+    );
+    let disk = std::fs::read(&final_raw).expect("final disk");
+    let mut cmds = Vec::new();
+    for (i, &(off, len)) in dirty.iter().enumerate() {
+        let chunk = dir.path().join(format!("chunk-{i}"));
+        std::fs::write(&chunk, &disk[off as usize..(off + len) as usize]).expect("chunk");
+        cmds.push(format!("write -q -s {} {off} {len}", chunk.display()));
+    }
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&inc, "qcow2", false, &cmds).unwrap_or_else(|e| panic!("incremental: {e}"));
+    let copied: u64 = dirty.iter().map(|e| e.1).sum();
+    assert!(copied < 8 << 20, "the incremental copies {copied} bytes");
+    let (same, diff) = qemu_img_compare(&inc, "qcow2", &final_raw, "raw").expect("compare");
+    assert!(
+        same,
+        "full + incremental differs from the final disk: {diff}"
+    );
+    // And without the incremental it would not be the final disk.
+    let (same, _) = qemu_img_compare(&full, "qcow2", &final_raw, "raw").expect("compare");
+    assert!(!same, "the full backup alone equals the final disk");
 }

@@ -2,8 +2,10 @@
 //! writes, reads back, discards and zeroes blocks on /dev/vda; QEMU's own tools then check
 //! the qcow2's contents and that its persistent bitmaps mark exactly the touched granules.
 //! Also the bitmap lifecycle: in-use while a VM is attached, clean after it disconnects
-//! (the daemon still running) and after SIGTERM, in-use after SIGKILL and refused as
-//! inconsistent by the next start until removed.
+//! (the daemon still running) and after SIGTERM; with `--no-crash-consistent-bitmaps`
+//! (QEMU's behaviour) in-use after SIGKILL and refused as inconsistent by the next start
+//! until removed. (With crash-consistent bitmaps, the default, the next start recovers
+//! the bitmap instead: `tests/guest_backup.rs` checks that with a live VM and backups.)
 //!
 //! The daemon binary comes from [`e2e::daemon_binary`] (built on demand).
 
@@ -327,9 +329,12 @@ fn reboot_scenario(aio: &str) {
     }
 }
 
+/// With `--no-crash-consistent-bitmaps` the daemon behaves like QEMU after a crash:
 /// SIGKILL while a VM is attached leaves the bitmap in-use (flushed data intact, image
-/// checks clean); the next start with `--bitmap` refuses the inconsistent bitmap and says
-/// how to remove it; after `bitmap remove` the daemon creates it afresh.
+/// checks clean: no shadow is kept); the next start with `--bitmap` refuses the
+/// inconsistent bitmap and says how to remove it; after `bitmap remove` the daemon
+/// creates it afresh. (By default the daemon keeps a crash-consistency shadow and the
+/// next start recovers the bitmap: see `tests/guest_backup.rs`.)
 #[test]
 fn daemon_guest_sigkill_leaves_in_use_and_restart_reports_inconsistent() {
     sigkill_scenario("io_uring");
@@ -341,6 +346,17 @@ fn daemon_guest_sigkill_leaves_in_use_and_restart_reports_inconsistent_threads()
     sigkill_scenario("threads");
 }
 
+/// The daemon's options in [`sigkill_scenario`]: crash-consistent bitmaps off.
+fn no_shadow_args(aio: &str) -> [&str; 5] {
+    [
+        "--bitmap",
+        "b0",
+        "--aio",
+        aio,
+        "--no-crash-consistent-bitmaps",
+    ]
+}
+
 fn sigkill_scenario(aio: &str) {
     let Some(bin) = bin() else { return };
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -348,7 +364,7 @@ fn sigkill_scenario(aio: &str) {
     let socket = dir.path().join("vhost.sock");
     qemu_img_create_qcow2(&image, SIZE).expect("qemu-img create");
     qemu_img_bitmap_add(&image, "b0", K64).expect("qemu-img bitmap --add");
-    let backend = start(&bin, &image, &socket, 1, &["--bitmap", "b0", "--aio", aio]);
+    let backend = start(&bin, &image, &socket, 1, &no_shadow_args(aio));
     // Write and flush, then keep the VM attached for a while without disk I/O.
     let text = GuestScript::new("/dev/vda")
         .write_cache(true)
@@ -382,7 +398,7 @@ fn sigkill_scenario(aio: &str) {
 
     let _ = std::fs::remove_file(&socket);
     let err = Backend::spawn(
-        daemon_command(&bin, &image, &socket, 1, &["--bitmap", "b0", "--aio", aio]),
+        daemon_command(&bin, &image, &socket, 1, &no_shadow_args(aio)),
         &socket,
         STOP_TIMEOUT,
     )
@@ -409,7 +425,7 @@ fn sigkill_scenario(aio: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(bitmaps(&image), vec![]);
-    let backend = start(&bin, &image, &socket, 1, &["--bitmap", "b0", "--aio", aio]);
+    let backend = start(&bin, &image, &socket, 1, &no_shadow_args(aio));
     assert_eq!(bitmaps(&image), vec![("b0".into(), K64, auto())]);
     backend
         .stop(STOP_TIMEOUT)
