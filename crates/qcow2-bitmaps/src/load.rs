@@ -291,6 +291,13 @@ impl Bitmaps {
         b.shadow = Some(Arc::new(shadow));
         b.recovered = loaded.recovered;
         b.mark_in_use_again(img)?;
+        if let Some(s) = b.shadow.as_ref().filter(|s| !s.is_armed()) {
+            // Not armed now, so no shadow may stay in the header: one left there unused
+            // (untrusted, or trusted but covering nothing we track) could match the
+            // directory again later and "recover" a bitmap without the writes made
+            // meanwhile.
+            s.remove_from_header(img)?;
+        }
         Ok(b)
     }
 

@@ -844,8 +844,7 @@ impl Shadow {
     /// Before the header is switched to a new directory `dir` (a bitmap removed or
     /// persisted while others are in use): rewrites the coverage for it, or arms the
     /// shadow if entries become covered now. Returns whether the shadow stays; when it
-    /// does not, the caller removes it in the same header write
-    /// ([`Shadow::header_removal`]) and then calls [`Shadow::after_removal`].
+    /// does not, the caller removes it after the switch ([`Shadow::remove_from_header`]).
     pub(crate) fn prepare_switch(
         &self,
         img: &dyn ImageMetadata,
@@ -927,6 +926,14 @@ impl Shadow {
     /// Removes a shadow from the header (if there is one) in a header write of its own,
     /// then frees what is ours. Used when the shadow is off.
     pub(crate) fn remove_from_header(&self, img: &dyn ImageMetadata) -> Result<()> {
+        Self::remove_stale(img)?;
+        self.after_removal(img);
+        Ok(())
+    }
+
+    /// Removes the shadow extension and clears its autoclear bit, if either is there, in
+    /// one header write (nothing is freed).
+    pub(crate) fn remove_stale(img: &dyn ImageMetadata) -> Result<()> {
         if img.header_extension(EXT_SHADOW).is_none()
             && img.autoclear_features() & AUTOCLEAR_SHADOW == 0
         {
@@ -937,9 +944,7 @@ impl Shadow {
             autoclear: Some(ac),
             extensions: ext.into_iter().collect(),
         })
-        .map_err(Error::UpdateExtension)?;
-        self.after_removal(img);
-        Ok(())
+        .map_err(Error::UpdateExtension)
     }
 }
 

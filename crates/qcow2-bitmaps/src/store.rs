@@ -55,36 +55,19 @@ pub(crate) fn write_directory(
 }
 
 /// Points the header at `ext` (autoclear bit 0 set), or removes the extension and clears
-/// the bit when `ext` is `None`; with `remove_shadow` the same header write also removes
-/// the crash-consistency shadow. `update_header` flushes first and syncs after; callers
+/// the bit when `ext` is `None`. `update_header` flushes first and syncs after; callers
 /// also flush before (so a failed flush is known to leave the header untouched).
-pub(crate) fn switch_header(
-    img: &dyn ImageMetadata,
-    ext: Option<BitmapsExt>,
-    remove_shadow: bool,
-) -> Result<()> {
-    let mut ac = img.autoclear_features();
-    let mut extensions = Vec::new();
-    if remove_shadow {
-        let (without, shadow_ext) = Shadow::header_removal(img);
-        ac = without;
-        extensions.extend(shadow_ext);
-    }
+pub(crate) fn switch_header(img: &dyn ImageMetadata, ext: Option<BitmapsExt>) -> Result<()> {
+    let ac = img.autoclear_features();
     let update = match ext {
-        Some(x) => {
-            extensions.push((EXT_BITMAPS, Some(x.to_bytes())));
-            HeaderUpdate {
-                autoclear: Some(ac | AUTOCLEAR_BITMAPS),
-                extensions,
-            }
-        }
-        None => {
-            extensions.push((EXT_BITMAPS, None));
-            HeaderUpdate {
-                autoclear: Some(ac & !AUTOCLEAR_BITMAPS),
-                extensions,
-            }
-        }
+        Some(x) => HeaderUpdate {
+            autoclear: Some(ac | AUTOCLEAR_BITMAPS),
+            extensions: vec![(EXT_BITMAPS, Some(x.to_bytes()))],
+        },
+        None => HeaderUpdate {
+            autoclear: Some(ac & !AUTOCLEAR_BITMAPS),
+            extensions: vec![(EXT_BITMAPS, None)],
+        },
     };
     img.update_header(update).map_err(Error::UpdateExtension)
 }
@@ -92,8 +75,16 @@ pub(crate) fn switch_header(
 impl Bitmaps {
     /// Switches the header to the directory `dir` (extension `ext`), keeping the
     /// crash-consistency shadow for the entries that stay covered (`consistent[i]`: entry
-    /// `i` of `dir` is tracked in memory) or removing it in the same header write when
-    /// none does, then freeing its clusters.
+    /// `i` of `dir` is tracked in memory), else removing it afterwards and freeing its
+    /// clusters.
+    ///
+    /// The removal is a second header write on purpose: a header longer than a sector
+    /// (QEMU writes a feature table into it) can tear at a power loss, and one write that
+    /// both clears autoclear bit 63 (first sector) and switches the directory (later
+    /// sectors) could come back as "bit clear, old directory with the bitmaps in use",
+    /// losing bitmaps the shadow could have recovered. Switched first, the old directory
+    /// still comes with a trusted shadow; removed second, the new directory has nothing in
+    /// use.
     pub(crate) fn switch(
         &self,
         img: &dyn ImageMetadata,
@@ -105,13 +96,19 @@ impl Bitmaps {
             Some(s) => s.prepare_switch(img, ext, &shadow::coverage(dir, consistent))?,
             None => false,
         };
-        let on_disk = img.header_extension(shadow::EXT_SHADOW).is_some()
-            || img.autoclear_features() & shadow::AUTOCLEAR_SHADOW != 0;
-        let remove = !keep && on_disk;
-        switch_header(img, ext, remove)?;
-        if remove {
-            if let Some(s) = &self.shadow {
-                s.after_removal(img);
+        switch_header(img, ext)?;
+        if !keep {
+            let removed = match &self.shadow {
+                Some(s) => s.remove_from_header(img),
+                None => Shadow::remove_stale(img),
+            };
+            if let Err(e) = removed {
+                // The bitmaps are switched (the store succeeded); the shadow's coverage
+                // names the old directory, so it can never be trusted for the new one.
+                log::warn!(
+                    "could not remove the crash-consistency shadow from the header: {e}; its \
+                     clusters stay allocated"
+                );
             }
         }
         Ok(())
