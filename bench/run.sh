@@ -17,7 +17,9 @@
 # (default 16G; `qemu-img create`, 64 KiB clusters) made before every run of it, with
 # its own server start, ALLOC_RUNTIME (default RUNTIME) measured seconds, and a
 # `qemu-img check` of the image afterwards (allocated clusters and errors logged); fio
-# runs it on a fresh sparse raw file of ALLOC_SIZE. Server logs go to OUT.log.
+# runs it on a fresh sparse raw file of ALLOC_SIZE. ALLOC_CREATE_OPTS adds qemu-img create
+# options for that image (e.g. "-o preallocation=metadata": writes then allocate no
+# qcow2 clusters). Server logs go to OUT.log.
 # Every run starts from a fresh copy of a fully allocated 1 GiB qcow2 image
 # (64 KiB clusters; made with qemu-img + qemu-io) or, for ours-raw, of a 1 GiB raw file
 # of random bytes, so servers and runs see the same on-disk state. fio runs on its own
@@ -112,7 +114,8 @@ start_server() {
     IMG=$DIR/img.qcow2
     rm -f "$IMG" "$DIR/img.raw"
     if [ "${2:-}" = fresh ]; then
-        qemu-img create -q -f qcow2 "$IMG" "$ALLOC_SIZE"
+        # shellcheck disable=SC2086 # ALLOC_CREATE_OPTS is a list of qemu-img options
+        qemu-img create -q -f qcow2 ${ALLOC_CREATE_OPTS:-} "$IMG" "$ALLOC_SIZE"
     else
     case $1 in
     ours-raw)

@@ -700,3 +700,104 @@ pub fn have_tool(tool: &str) -> bool {
     }
     found
 }
+
+/// A descriptor chain: (guest address, length, device-writable) per buffer.
+pub type Chain = Vec<(u64, u32, bool)>;
+
+/// Continuous queue depth: chains placed at chosen descriptors, used entries polled
+/// without waiting (a daemon killed with requests in flight never completes them).
+impl QueueDriver {
+    /// Places each `(first descriptor, chain)` at its descriptors, publishes them all in
+    /// the avail ring and kicks once. The caller keeps the descriptor ranges of chains
+    /// still in flight apart.
+    pub fn submit_at(&mut self, chains: &[(u16, Chain)]) {
+        if chains.is_empty() {
+            return;
+        }
+        let avail = self.base + 0x1000;
+        for (first, bufs) in chains {
+            assert!(usize::from(*first) + bufs.len() <= usize::from(QSIZE));
+            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+                let idx = first + i as u16;
+                let mut flags = 0u16;
+                if i + 1 < bufs.len() {
+                    flags |= 1; // NEXT
+                }
+                if write {
+                    flags |= 2; // WRITE
+                }
+                let d = self.base + 16 * u64::from(idx);
+                self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
+                self.mem
+                    .write_obj(len.to_le(), GuestAddress(d + 8))
+                    .unwrap();
+                self.mem
+                    .write_obj(flags.to_le(), GuestAddress(d + 12))
+                    .unwrap();
+                self.mem
+                    .write_obj((idx + 1).to_le(), GuestAddress(d + 14))
+                    .unwrap();
+            }
+            let slot = u64::from(self.next_avail % QSIZE);
+            self.mem
+                .write_obj(first.to_le(), GuestAddress(avail + 4 + 2 * slot))
+                .unwrap();
+            self.next_avail = self.next_avail.wrapping_add(1);
+        }
+        fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(self.next_avail.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        // The daemon may be gone (killed): the eventfd is ours, so this cannot fail
+        // because of it, and a lost kick only leaves the chains in the ring.
+        let _ = self.kick.write(1);
+    }
+
+    /// The used entries `(head, used length)` published since the last call, in
+    /// used-ring order; returns at once (empty if there are none).
+    pub fn poll_used(&mut self) -> Vec<(u16, u32)> {
+        let used = self.base + 0x2000;
+        let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        fence(Ordering::SeqCst);
+        let mut out = Vec::new();
+        while self.last_used != idx {
+            let slot = u64::from(self.last_used % QSIZE);
+            let id: u32 = self
+                .mem
+                .read_obj(GuestAddress(used + 4 + 8 * slot))
+                .unwrap();
+            let len: u32 = self
+                .mem
+                .read_obj(GuestAddress(used + 8 + 8 * slot))
+                .unwrap();
+            out.push((id as u16, len));
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        if !out.is_empty() {
+            let _ = self.call.read();
+        }
+        out
+    }
+}
+
+/// Starts the daemon binary like [`spawn`], with its stderr (the log) going to the file
+/// `log` instead of a pipe, so a long run cannot block on a full pipe. A socket left
+/// behind by a killed daemon is removed first (so [`wait_for_socket`] sees the new one).
+pub fn spawn_logged(socket: &Path, image: &Path, extra: &[&str], log: &Path) -> Daemon {
+    let _ = std::fs::remove_file(socket);
+    let err = File::create(log).unwrap();
+    Daemon(
+        Command::new(BIN)
+            .arg("--socket-path")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap(),
+    )
+}
