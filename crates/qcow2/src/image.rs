@@ -1366,6 +1366,15 @@ impl ImageMetadata for Qcow2Image {
             .ctx(|| format!("writing {} bytes at {offset}", buf.len()))
     }
 
+    fn write_owned_durable(&self, offset: HostOffset, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.storage
+            .write_durable(buf, offset.0)
+            .ctx(|| format!("writing {} bytes durably at {offset}", buf.len()))
+    }
+
     fn sync_owned(&self) -> Result<()> {
         self.storage
             .sync()

@@ -60,6 +60,13 @@ pub trait ImageMetadata: Send + Sync {
     fn sync_owned(&self) -> Result<()> {
         self.flush_metadata()
     }
+    /// Like [`ImageMetadata::write_owned`], returning once these bytes are durable (where
+    /// the storage can, without making anything else durable: see
+    /// `Storage::write_durable`).
+    fn write_owned_durable(&self, offset: HostOffset, buf: &[u8]) -> Result<()> {
+        self.write_owned(offset, buf)?;
+        self.sync_owned()
+    }
     /// Size of the image file in bytes, when known: clusters named by other structures
     /// must lie inside it.
     fn file_len(&self) -> Option<u64> {

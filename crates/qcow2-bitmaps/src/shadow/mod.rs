@@ -321,6 +321,12 @@ impl Shadow {
                 Some(r) if armed => self.persist(img, &r.ext, &wanted),
                 _ => Ok(0),
             };
+            log::debug!(
+                "shadow batch: {} request(s), {:?} new region(s), {} waker(s)",
+                wanted.len(),
+                result,
+                wakers.len()
+            );
             let mut inner = self.lock();
             inner.persisting = false;
             match result {
@@ -387,22 +393,24 @@ impl Shadow {
                 _ => runs.push((p, p + 1)),
             }
         }
+        // Each run is written durably on its own (an aligned buffer: with O_DIRECT a
+        // page over allocated blocks is one FUA write, not a journal commit of
+        // everything the file system holds for the image).
         for (start, end) in runs {
-            let mut buf = vec![0u8; ((end - start) * PAGE) as usize];
+            let mut buf = qcow2::AlignedBuf::new(((end - start) * PAGE) as usize);
+            let bytes = buf.as_mut_slice();
             for w in start * words_per_page..(end * words_per_page).min(nwords) {
                 let v = self.durable[w as usize].load(Ordering::Acquire)
                     | add.get(&w).copied().unwrap_or(0);
                 let at = ((w - start * words_per_page) * 8) as usize;
-                buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+                bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
-            img.write_owned(
+            img.write_owned_durable(
                 HostOffset(ext.region_offset + MASK_AREA + start * PAGE),
-                &buf,
+                buf.as_slice(),
             )
             .map_err(|e| format!("writing the bitmap shadow failed: {e}"))?;
         }
-        img.sync_owned()
-            .map_err(|e| format!("syncing the bitmap shadow failed: {e}"))?;
         let mut n = 0;
         for (w, bits) in add {
             self.durable[w as usize].fetch_or(bits, Ordering::AcqRel);
