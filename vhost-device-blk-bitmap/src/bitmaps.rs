@@ -95,19 +95,21 @@ pub enum BitmapError {
     /// Storing failed: the named bitmaps are not saved and stay in-use on disk.
     #[error(
         "could not store the persistent bitmaps of '{image}': {source}; they stay marked \
-         in-use in the image and will be reported inconsistent on the next open"
+         in-use in the image and {fate}"
     )]
     Store {
         /// Image name.
         image: String,
-        /// The persistence layer's error (names the lost bitmaps).
+        /// The persistence layer's error (names the bitmaps not stored).
         #[source]
         source: qcow2_bitmaps::Error,
+        /// What the next open makes of them.
+        fate: &'static str,
     },
-    /// Flagging the bitmaps in-use again failed (the frontend is refused).
     /// A run-time bitmap command failed (QEMU's text, unchanged).
     #[error("{0}")]
     Action(#[source] qcow2_bitmaps::Error),
+    /// Flagging the bitmaps in-use again failed (the frontend is refused).
     #[error("could not mark the persistent bitmaps of '{image}' in-use: {source}")]
     InUse {
         /// Image name.
@@ -338,12 +340,24 @@ impl PersistentBitmaps {
         stored
     }
 
+    /// Whether bitmaps left in use now would be recovered by the next open (the
+    /// crash-consistency shadow is armed).
+    pub fn recoverable(&self) -> bool {
+        self.bitmaps.shadow().is_some_and(|s| s.is_armed())
+    }
+
     fn store_locked(&self) -> Result<(), BitmapError> {
         self.bitmaps
             .store(&*self.image)
             .map_err(|source| BitmapError::Store {
                 image: self.name.clone(),
                 source,
+                fate: if self.recoverable() {
+                    "their crash-consistency shadow keeps them recoverable: the next open \
+                     recovers them"
+                } else {
+                    "will be reported inconsistent on the next open"
+                },
             })?;
         // The store frees the old clusters in the refcount cache: write it out, so the
         // image on disk checks clean while no frontend is attached.
@@ -533,7 +547,15 @@ pub fn tracker_for(
     };
     let tracker = PersistentBitmaps::open_with(image, &name, &config.node_name, opts)?;
     tracker.apply(&config.bitmaps)?;
-    tracker.store_idle()?;
+    if let Err(e) = tracker.store_idle() {
+        if !tracker.recoverable() {
+            return Err(e);
+        }
+        // A full file system, typically: serving stays safe, since the shadow keeps
+        // every bitmap in use recoverable; the store stays owed (retried at every
+        // disconnect and at the stop, whose exit says if it still failed).
+        warn!("{e}; serving anyway");
+    }
     let tracker = Arc::new(tracker);
     Ok((tracker.clone(), Some(tracker)))
 }
