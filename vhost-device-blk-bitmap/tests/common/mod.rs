@@ -369,6 +369,38 @@ impl QueueDriver {
         self.submit_batch(&[bufs.to_vec()], bufs.len().max(1) as u16);
     }
 
+    /// Writes a chain's descriptors from `first` on and its head into the next avail
+    /// slot (not yet published: the caller writes the avail index and kicks).
+    fn place_chain(&mut self, first: u16, bufs: &[(u64, u32, bool)]) {
+        let avail = self.base + 0x1000;
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let idx = first + i as u16;
+            let mut flags = 0u16;
+            if i + 1 < bufs.len() {
+                flags |= 1; // NEXT
+            }
+            if write {
+                flags |= 2; // WRITE
+            }
+            let d = self.base + 16 * u64::from(idx);
+            self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
+            self.mem
+                .write_obj(len.to_le(), GuestAddress(d + 8))
+                .unwrap();
+            self.mem
+                .write_obj(flags.to_le(), GuestAddress(d + 12))
+                .unwrap();
+            self.mem
+                .write_obj((idx + 1).to_le(), GuestAddress(d + 14))
+                .unwrap();
+        }
+        let slot = u64::from(self.next_avail % QSIZE);
+        self.mem
+            .write_obj(first.to_le(), GuestAddress(avail + 4 + 2 * slot))
+            .unwrap();
+        self.next_avail = self.next_avail.wrapping_add(1);
+    }
+
     /// Places several chains at once (chain `i` uses descriptors from `i * stride`) and
     /// kicks once; returns their head indices in submission order.
     pub fn submit_batch(&mut self, chains: &[Vec<(u64, u32, bool)>], stride: u16) -> Vec<u16> {
@@ -377,32 +409,7 @@ impl QueueDriver {
         for (c, bufs) in chains.iter().enumerate() {
             let first = c as u16 * stride;
             assert!(bufs.len() <= stride as usize && first + stride <= QSIZE);
-            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-                let idx = first + i as u16;
-                let mut flags = 0u16;
-                if i + 1 < bufs.len() {
-                    flags |= 1; // NEXT
-                }
-                if write {
-                    flags |= 2; // WRITE
-                }
-                let d = self.base + 16 * u64::from(idx);
-                self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
-                self.mem
-                    .write_obj(len.to_le(), GuestAddress(d + 8))
-                    .unwrap();
-                self.mem
-                    .write_obj(flags.to_le(), GuestAddress(d + 12))
-                    .unwrap();
-                self.mem
-                    .write_obj((idx + 1).to_le(), GuestAddress(d + 14))
-                    .unwrap();
-            }
-            let slot = u64::from(self.next_avail % QSIZE);
-            self.mem
-                .write_obj(first.to_le(), GuestAddress(avail + 4 + 2 * slot))
-                .unwrap();
-            self.next_avail = self.next_avail.wrapping_add(1);
+            self.place_chain(first, bufs);
             heads.push(first);
         }
         fence(Ordering::SeqCst);
@@ -717,32 +724,7 @@ impl QueueDriver {
         let avail = self.base + 0x1000;
         for (first, bufs) in chains {
             assert!(usize::from(*first) + bufs.len() <= usize::from(QSIZE));
-            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-                let idx = first + i as u16;
-                let mut flags = 0u16;
-                if i + 1 < bufs.len() {
-                    flags |= 1; // NEXT
-                }
-                if write {
-                    flags |= 2; // WRITE
-                }
-                let d = self.base + 16 * u64::from(idx);
-                self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
-                self.mem
-                    .write_obj(len.to_le(), GuestAddress(d + 8))
-                    .unwrap();
-                self.mem
-                    .write_obj(flags.to_le(), GuestAddress(d + 12))
-                    .unwrap();
-                self.mem
-                    .write_obj((idx + 1).to_le(), GuestAddress(d + 14))
-                    .unwrap();
-            }
-            let slot = u64::from(self.next_avail % QSIZE);
-            self.mem
-                .write_obj(first.to_le(), GuestAddress(avail + 4 + 2 * slot))
-                .unwrap();
-            self.next_avail = self.next_avail.wrapping_add(1);
+            self.place_chain(*first, bufs);
         }
         fence(Ordering::SeqCst);
         self.mem
