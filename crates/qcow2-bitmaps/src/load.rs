@@ -283,10 +283,6 @@ impl Bitmaps {
         };
         let shadow = Shadow::new(vs, granularity_bits, opts.crash_consistent);
         shadow.adopt(&loaded.found);
-        if !opts.crash_consistent {
-            // Recovery is done; a shadow left on disk would go stale from now on.
-            shadow.remove_from_header(img)?;
-        }
         let mut b = Bitmaps::from_state(node, false, vs, img.cluster_size(), loaded.state);
         b.shadow = Some(Arc::new(shadow));
         b.recovered = loaded.recovered;

@@ -51,9 +51,6 @@ pub const DEFAULT_GRANULARITY: u64 = 1 << 20;
 /// The shadow never has more bits than this (16 MiB on disk); the granularity grows
 /// with the disk to stay under it.
 pub const MAX_SHADOW_BITS: u64 = 1 << 27;
-/// A header extension to set (`Some(data)`) or remove (`None`), by magic.
-pub(crate) type ExtChange = (u32, Option<Vec<u8>>);
-
 /// Whether a write may be submitted now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cover {
@@ -78,17 +75,10 @@ enum Mode {
     Failed(String),
 }
 
-/// The region this process writes.
-#[derive(Clone, Copy, Debug)]
-struct Region {
-    ext: ShadowExt,
-    /// The header points at it now.
-    installed: bool,
-}
-
 struct Inner {
     mode: Mode,
-    region: Option<Region>,
+    /// The region this process writes (the header points at it).
+    region: Option<ShadowExt>,
     /// A region found on open that is ours but not (yet) reused: freed once the header no
     /// longer points at it.
     stale: Option<ShadowExt>,
@@ -232,7 +222,7 @@ impl Shadow {
     /// Cheap when the granules are durable already: one atomic load per granule.
     pub fn check(&self, offset: u64, len: u64, waker: Option<&Waker>) -> Cover {
         if !self.armed.load(Ordering::Acquire) {
-            return self.idle_answer();
+            return Cover::Ready;
         }
         let Some((first, last)) = self.granules(offset, len) else {
             return Cover::Ready;
@@ -257,12 +247,6 @@ impl Shadow {
         }
         self.work.notify_one();
         Cover::Pending
-    }
-
-    fn idle_answer(&self) -> Cover {
-        // A failure that could not clear the autoclear bit keeps `armed` set, so only
-        // the slow path can report it; here everything is fine.
-        Cover::Ready
     }
 
     /// Blocks until every granule of `[offset, offset + len)` is durable (or no shadow is
@@ -318,7 +302,7 @@ impl Shadow {
             inner.persisting = true;
             drop(inner);
             let result = match region {
-                Some(r) if armed => self.persist(img, &r.ext, &wanted),
+                Some(ext) if armed => self.persist(img, &ext, &wanted),
                 _ => Ok(0),
             };
             log::debug!(
@@ -466,25 +450,17 @@ impl Shadow {
         }
         // The set keeps the granularity of a region of ours (see `open_with`).
         let reusable = self.enabled && ext.granularity_bits == self.granularity_bits;
-        match (&found.trusted, reusable) {
-            (Some((_, words)), true) => {
-                for (d, &w) in self.durable.iter().zip(words) {
-                    d.store(w, Ordering::Release);
-                }
-                inner.region = Some(Region {
-                    ext,
-                    installed: true,
-                });
-            }
-            (None, true) => {
-                // Ours and intact, but no coverage to recover: reuse it from empty.
-                inner.region = Some(Region {
-                    ext,
-                    installed: true,
-                });
-            }
-            _ => inner.stale = Some(ext),
+        if !reusable {
+            inner.stale = Some(ext);
+            return;
         }
+        // Ours and intact: reused, with the bits of a trusted shadow (else from empty).
+        if let Some((_, words)) = &found.trusted {
+            for (d, &w) in self.durable.iter().zip(words) {
+                d.store(w, Ordering::Release);
+            }
+        }
+        inner.region = Some(ext);
     }
 
     /// Arms the shadow before entries are flagged IN_USE in place: writes the region
@@ -502,20 +478,12 @@ impl Shadow {
             drop(inner);
             return self.remove_from_header(img);
         }
-        let keep_bits = self.armed.load(Ordering::Acquire);
-        if !keep_bits
-            && !inner
-                .region
-                .is_some_and(|r| r.installed && self.any_durable())
-        {
-            // Nothing covered is in use: the bits start empty.
-            for d in self.durable.iter() {
-                d.store(0, Ordering::Release);
-            }
-        }
+        // The durable bits are those of a region adopted on open (a crash's shadow, kept
+        // for the bitmaps it recovered) or none: `after_removal` clears them whenever
+        // the shadow goes away, and arming happens only while it is not armed.
         let cs = img.cluster_size();
         let (ext, fresh) = match inner.region {
-            Some(r) => (r.ext, false),
+            Some(ext) => (ext, false),
             None => {
                 let region_len =
                     ShadowExt::region_len_for(img.virtual_size(), self.granularity_bits, cs);
@@ -553,10 +521,7 @@ impl Shadow {
                 crate::store::free_allocated(img, &[(old.region_offset, old.region_len / cs)]);
             }
         }
-        inner.region = Some(Region {
-            ext,
-            installed: true,
-        });
+        inner.region = Some(ext);
         inner.mode = Mode::Armed;
         self.armed.store(true, Ordering::Release);
         Ok(())
@@ -576,10 +541,6 @@ impl Shadow {
             self.armed.store(false, Ordering::Release);
         }
         self.remove_from_header(img)
-    }
-
-    fn any_durable(&self) -> bool {
-        self.durable.iter().any(|w| w.load(Ordering::Relaxed) != 0)
     }
 
     /// Writes the mask area and every page of bits, then syncs.
@@ -634,23 +595,15 @@ impl Shadow {
                 }
             };
         }
-        let Some(r) = inner.region else {
+        let Some(ext) = inner.region else {
             return Ok(false);
         };
         drop(inner);
         let area = mask_area(dir, covered);
-        img.write_owned(HostOffset(r.ext.region_offset), &area)
+        img.write_owned(HostOffset(ext.region_offset), &area)
             .map_err(Error::UpdateExtension)?;
         img.sync_owned().map_err(Error::UpdateExtension)?;
         Ok(true)
-    }
-
-    /// The header changes that remove the shadow (extension and autoclear bit), to be
-    /// made in the same header write as a directory switch.
-    pub(crate) fn header_removal(img: &dyn ImageMetadata) -> (u64, Option<ExtChange>) {
-        let ac = img.autoclear_features() & !AUTOCLEAR_SHADOW;
-        let ext = img.header_extension(EXT_SHADOW).map(|_| (EXT_SHADOW, None));
-        (ac, ext)
     }
 
     /// After the header no longer names the shadow: disarm and free the region(s).
@@ -666,8 +619,8 @@ impl Shadow {
         }
         let cs = img.cluster_size();
         let mut free = Vec::new();
-        if let Some(r) = inner.region.take() {
-            free.push((r.ext.region_offset, r.ext.region_len / cs));
+        if let Some(ext) = inner.region.take() {
+            free.push((ext.region_offset, ext.region_len / cs));
         }
         if let Some(old) = inner.stale.take() {
             free.push((old.region_offset, old.region_len / cs));
@@ -686,7 +639,7 @@ impl Shadow {
     }
 
     /// Removes a shadow from the header (if there is one) in a header write of its own,
-    /// then frees what is ours. Used when the shadow is off.
+    /// then disarms and frees what is ours.
     pub(crate) fn remove_from_header(&self, img: &dyn ImageMetadata) -> Result<()> {
         Self::remove_stale(img)?;
         self.after_removal(img);
@@ -701,10 +654,13 @@ impl Shadow {
         {
             return Ok(());
         }
-        let (ac, ext) = Self::header_removal(img);
+        let extensions = match img.header_extension(EXT_SHADOW) {
+            Some(_) => vec![(EXT_SHADOW, None)],
+            None => Vec::new(),
+        };
         img.update_header(qcow2::HeaderUpdate {
-            autoclear: Some(ac),
-            extensions: ext.into_iter().collect(),
+            autoclear: Some(img.autoclear_features() & !AUTOCLEAR_SHADOW),
+            extensions,
         })
         .map_err(Error::UpdateExtension)
     }
