@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -26,10 +26,12 @@ use vmm_sys_util::event::{
 
 use crate::config::Aio;
 use crate::device::{BlkDevice, CHUNK_SIZE};
+use crate::inflight::{InflightLog, QueueLog};
+use crate::replay;
 use crate::transport::{process_chain, GuestMem};
 use crate::uring::{InflightCount, UringQueue};
 use crate::virtio_blk::{self, ConfigInputs, CONFIG_WCE_OFFSET};
-use qcow2::AlignedBuf;
+use qcow2::{AlignedBuf, DirectIo};
 
 /// Guest memory shared with the vhost-user handler.
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
@@ -44,6 +46,7 @@ pub fn offered_features(read_only: bool) -> u64 {
 }
 
 /// Protocol features offered (REPLY_ACK is also added by the vhost crate itself).
+/// INFLIGHT_SHMFD is answered by [`crate::relay`], in front of the crate.
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
@@ -51,6 +54,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::DEVICE_STATE
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// State owned by one queue's worker thread.
@@ -63,6 +67,14 @@ enum QueueWorker {
     },
     /// io_uring: many requests in flight.
     Uring(Box<UringQueue>),
+}
+
+/// One queue's worker state: its I/O engine and its view of the inflight region.
+#[derive(Debug)]
+struct Worker {
+    io: QueueWorker,
+    /// Set when the ring started with an inflight region (INFLIGHT_SHMFD).
+    log: Option<QueueLog>,
 }
 
 /// Exit event of one worker thread.
@@ -89,7 +101,9 @@ pub struct BlkBackend {
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     logged_connection: AtomicBool,
-    workers: Vec<Mutex<QueueWorker>>,
+    workers: Vec<Mutex<Worker>>,
+    /// Inflight tracking of this connection (region and ring starts, from the relay).
+    inflight_log: Arc<InflightLog>,
     inflight: Vec<Arc<InflightCount>>,
     exit_events: Vec<ExitEvent>,
     /// Per queue: written when a wake-up stopped with requests left in the ring, so the
@@ -139,10 +153,13 @@ impl BlkBackend {
                 }
             }
             let q = workers.len();
-            workers.push(Mutex::new(worker.unwrap_or_else(|| QueueWorker::Sync {
-                buf: AlignedBuf::new(CHUNK_SIZE),
-                stats: device.stats().queue(q),
-            })));
+            workers.push(Mutex::new(Worker {
+                io: worker.unwrap_or_else(|| QueueWorker::Sync {
+                    buf: AlignedBuf::new(CHUNK_SIZE),
+                    stats: device.stats().queue(q),
+                }),
+                log: None,
+            }));
             inflight.push(count);
             rewake.push(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
             let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
@@ -161,6 +178,7 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             logged_connection: AtomicBool::new(false),
             workers,
+            inflight_log: Arc::new(InflightLog::new(num_queues)),
             inflight,
             exit_events,
             rewake,
@@ -179,7 +197,7 @@ impl BlkBackend {
         self.num_queues as u16 + 2
     }
 
-    fn lock_worker(&self, q: usize) -> std::sync::MutexGuard<'_, QueueWorker> {
+    fn lock_worker(&self, q: usize) -> std::sync::MutexGuard<'_, Worker> {
         self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -197,7 +215,7 @@ impl BlkBackend {
                 EventSet::IN,
                 u64::from(self.rewake_event()),
             )?;
-            if let QueueWorker::Uring(u) = &*self.lock_worker(q) {
+            if let QueueWorker::Uring(u) = &self.lock_worker(q).io {
                 h.register_listener(
                     u.event_fd(),
                     EventSet::IN,
@@ -259,7 +277,8 @@ impl BlkBackend {
     }
 
     fn process_queue(&self, queue_index: usize, vring: &BlkVring) -> io::Result<()> {
-        let mut worker = self.lock_worker(queue_index);
+        let mut guard = self.lock_worker(queue_index);
+        let worker = &mut *guard;
         // Holding the vring lock for the whole batch makes GET_VRING_BASE (which takes
         // it to stop the ring) wait until the synchronous requests we started have
         // completed; io_uring requests are waited for in `stop_vring`.
@@ -274,6 +293,12 @@ impl BlkBackend {
         let mem = self.mem.memory().into_inner();
         let io = self.device.image().direct();
         let mut published = false;
+        // A ring that (re)started looks at the inflight region first: requests a crashed
+        // or stopped instance left in flight run again before anything new.
+        if let Some(log) = self.inflight_log.take_start(queue_index) {
+            worker.log = log;
+            published |= self.resubmit(queue_index, worker, &mut state, &mem, io)?;
+        }
         // At most MAX_BATCH requests per wake-up: a guest that refills the ring
         // as fast as it is drained must not keep the vring lock (GET_VRING_BASE, other
         // frontend messages) and the event loop (exit) waiting for ever.
@@ -285,29 +310,18 @@ impl BlkBackend {
             }
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.deref()) {
                 budget -= 1;
-                match (&mut *worker, io) {
-                    // A queue runs io_uring only on an image with a direct data path.
-                    (QueueWorker::Uring(u), Some(io)) => u.start(&self.device, io, &mem, chain),
-                    (QueueWorker::Uring(_), None) => {
-                        unreachable!("io_uring queue without a data path")
-                    }
-                    (QueueWorker::Sync { buf, stats }, _) => {
-                        let head = chain.head_index();
-                        let used = process_chain(&self.device, buf, &mem, chain, stats);
-                        if let Err(e) = state.add_used(head, used) {
-                            warn!("queue {queue_index}: add_used failed: {e}");
-                        }
-                        published = true;
-                    }
+                if let Some(log) = &mut worker.log {
+                    log.started(chain.head_index());
                 }
+                published |= self.start_request(queue_index, worker, &mut state, &mem, io, chain);
                 if budget == 0 {
                     more = true;
                     break;
                 }
             }
-            if let QueueWorker::Uring(u) = &mut *worker {
+            if let QueueWorker::Uring(u) = &mut worker.io {
                 u.submit();
-                published |= publish(queue_index, &mut state, u);
+                published |= publish(queue_index, &mut state, u, worker.log.as_mut());
             }
             if more || !event_idx || !state.enable_notification().map_err(io::Error::other)? {
                 break;
@@ -323,34 +337,143 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// Starts one request (already flagged in the inflight region, if any); true if it
+    /// completed and was published at once (synchronous path).
+    fn start_request<M>(
+        &self,
+        queue_index: usize,
+        worker: &mut Worker,
+        state: &mut BlkVringState,
+        mem: &Arc<GuestMem>,
+        io: Option<&dyn DirectIo>,
+        chain: virtio_queue::DescriptorChain<M>,
+    ) -> bool
+    where
+        M: Deref<Target = GuestMem> + Clone,
+    {
+        match (&mut worker.io, io) {
+            // A queue runs io_uring only on an image with a direct data path.
+            (QueueWorker::Uring(u), Some(io)) => {
+                u.start(&self.device, io, mem, chain);
+                false
+            }
+            (QueueWorker::Uring(_), None) => unreachable!("io_uring queue without a data path"),
+            (QueueWorker::Sync { buf, stats }, _) => {
+                let head = chain.head_index();
+                let used = process_chain(&self.device, buf, mem, chain, stats);
+                complete(queue_index, state, worker.log.as_mut(), head, used);
+                true
+            }
+        }
+    }
+
+    /// The ring started with an inflight region: repairs it, moves the ring to where the
+    /// region says it stopped, and starts the requests it still has in flight, oldest
+    /// first. True if any was published at once.
+    fn resubmit(
+        &self,
+        queue_index: usize,
+        worker: &mut Worker,
+        state: &mut BlkVringState,
+        mem: &Arc<GuestMem>,
+        io: Option<&dyn DirectIo>,
+    ) -> io::Result<bool> {
+        let Some(log) = worker.log.as_mut() else {
+            return Ok(false);
+        };
+        let used = state
+            .get_queue()
+            .used_idx(mem.deref(), Ordering::Acquire)
+            .map_err(io::Error::other)?
+            .0;
+        let recovery = log.recover(used);
+        if let Some(next) = recovery.next_avail {
+            // Whatever the ring base said: every entry before `next` completed or is
+            // resubmitted below (libvhost-user does the same).
+            let queue = state.get_queue_mut();
+            queue.set_next_avail(next);
+            queue.set_next_used(used);
+        }
+        if recovery.resubmit.is_empty() {
+            return Ok(false);
+        }
+        info!(
+            "queue {queue_index}: resubmitting {} request(s) that were in flight",
+            recovery.resubmit.len()
+        );
+        let queue = state.get_queue();
+        let replay = match replay::chains(mem, queue.desc_table(), queue.size(), &recovery.resubmit)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                error!("queue {queue_index}: {e}; those requests never complete");
+                return Ok(false);
+            }
+        };
+        let mut published = false;
+        for chain in replay.chains {
+            published |= self.start_request(queue_index, worker, state, &replay.mem, io, chain);
+        }
+        Ok(published)
+    }
+
     /// Reaps io_uring completions of queue `queue_index` and publishes them.
     fn complete_queue(&self, queue_index: usize, vring: &BlkVring) -> io::Result<()> {
-        let mut worker = self.lock_worker(queue_index);
-        let (QueueWorker::Uring(u), Some(io)) = (&mut *worker, self.device.image().direct()) else {
+        let mut guard = self.lock_worker(queue_index);
+        let worker = &mut *guard;
+        let (QueueWorker::Uring(u), Some(io)) = (&mut worker.io, self.device.image().direct())
+        else {
             return Ok(());
         };
         u.reap(io);
         let mut state = vring.get_mut();
-        if publish(queue_index, &mut state, u)
+        if publish(queue_index, &mut state, u, worker.log.as_mut())
             && state.needs_notification().map_err(io::Error::other)?
         {
             state.signal_used_queue()?;
         }
         Ok(())
     }
+
+    /// The inflight tracking of this connection, for the relay that installs its region.
+    pub fn inflight_log(&self) -> &Arc<InflightLog> {
+        &self.inflight_log
+    }
+}
+
+/// A locked vring's state.
+type BlkVringState = vhost_user_backend::VringState<GuestMemAtomic>;
+
+/// Publishes one completed request in the used ring, in the inflight region's order
+/// (batch head recorded, used ring and index written, then the flag cleared).
+fn complete(
+    queue_index: usize,
+    state: &mut BlkVringState,
+    mut log: Option<&mut QueueLog>,
+    head: u16,
+    len: u32,
+) {
+    if let Some(log) = log.as_deref_mut() {
+        log.publishing(head);
+    }
+    if let Err(e) = state.add_used(head, len) {
+        warn!("queue {queue_index}: add_used failed: {e}");
+    }
+    if let Some(log) = log {
+        log.published(head, state.get_queue().next_used());
+    }
 }
 
 /// Puts the completed requests of an io_uring queue into the used ring; true if any.
 fn publish(
     queue_index: usize,
-    state: &mut vhost_user_backend::VringState<GuestMemAtomic>,
+    state: &mut BlkVringState,
     u: &mut UringQueue,
+    mut log: Option<&mut QueueLog>,
 ) -> bool {
     let done = u.take_done();
     for &(head, len) in &done {
-        if let Err(e) = state.add_used(head, len) {
-            warn!("queue {queue_index}: add_used failed: {e}");
-        }
+        complete(queue_index, state, log.as_deref_mut(), head, len);
     }
     u.published(done.len());
     !done.is_empty()

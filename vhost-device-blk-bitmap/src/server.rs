@@ -3,20 +3,21 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{error, info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::BlkBackend;
 use crate::device::BlkDevice;
+use crate::relay::{Relay, RelayConfig};
 use crate::tracker::TrackerError;
 
 /// Errors that end the daemon.
@@ -354,7 +355,7 @@ impl Server {
                     err,
                 })?;
         }
-        let mut listener = Listener::from(socket);
+        let listener = socket;
         info!(
             "listening on {}{} ({} queue(s), image of {} bytes{})",
             path.display(),
@@ -376,7 +377,7 @@ impl Server {
             what: "waiting for a frontend",
             err,
         })? {
-            self.serve_one(&mut listener)?;
+            self.serve_one(&listener)?;
         }
         drop(listener);
         if let Some(id) = id {
@@ -427,7 +428,27 @@ impl Server {
         Ok((socket, id))
     }
 
-    fn serve_one(&self, listener: &mut Listener) -> Result<(), ServerError> {
+    fn serve_one(&self, listener: &UnixListener) -> Result<(), ServerError> {
+        // A frontend is waiting (poll said so); it may have gone again.
+        let frontend = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if self.stop.is_stopping() => {
+                info!("accept while stopping: {e}");
+                return Ok(());
+            }
+            Err(e) => {
+                warn!("accepting a frontend failed: {e}");
+                return Ok(());
+            }
+        };
+        match peer_credentials(&frontend) {
+            Ok(c) => info!(
+                "frontend pid {} uid {} gid {} is connecting",
+                c.pid, c.uid, c.gid
+            ),
+            Err(e) => warn!("frontend credentials unknown: {e}"),
+        }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
             BlkBackend::new(
@@ -451,32 +472,45 @@ impl Server {
                 what: "registering the io_uring completion events",
                 err,
             })?;
-        // A frontend is waiting. The tracker (e.g. flagging the bitmaps in-use on disk)
-        // must be ready before the connection's thread can start any queue, so it runs
-        // before the accept.
+        // The tracker (e.g. flagging the bitmaps in-use on disk) must be ready before
+        // the connection's thread can start any queue, so it runs before the first
+        // message is read.
         if let Err(e) = self.device.tracker().on_frontend_connected() {
             error!("write tracker refused the connection: {e}");
             return Err(e.into());
         }
-        if let Err(e) = daemon.start(listener) {
-            drop(daemon);
-            backend.close_handed_out_fds();
-            // Nothing was served: give the tracker its idle state back.
-            if let Err(e) = self.device.tracker().on_frontend_disconnected() {
-                error!("write tracker failed after a failed accept: {e}");
-            }
-            if self.stop.is_stopping() {
+        let relay = connect_handler(&mut daemon).and_then(|handler| {
+            Relay::start(
+                frontend,
+                handler,
+                backend.inflight_log().clone(),
+                RelayConfig {
+                    num_queues: self.config.num_queues as u16,
+                },
+            )
+        });
+        let relay = match relay {
+            Ok(r) => r,
+            Err(e) => {
+                daemon.request_shutdown();
+                let _ = daemon.wait();
+                backend.signal_exit();
+                drop(daemon);
+                backend.close_handed_out_fds();
+                // Nothing was served: give the tracker its idle state back.
+                if let Err(e) = self.device.tracker().on_frontend_disconnected() {
+                    error!("write tracker failed after a failed accept: {e}");
+                }
+                warn!("starting the vhost-user handler failed: {e}");
                 return Ok(());
             }
-            // A client that vanished before we accepted it is not fatal.
-            warn!("accepting a frontend failed: {e}");
-            return Ok(());
-        }
+        };
         info!("frontend connected");
         self.event(ServerEvent::FrontendConnected);
         self.stop.set_conn(daemon.shutdown_handle());
         let result = daemon.wait();
         self.stop.set_conn(None);
+        relay.join();
         // No new request starts; every request taken from a ring completes (the workers
         // still run) before the queue threads stop and before the tracker stores the
         // bitmaps.
@@ -503,6 +537,59 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// The peer of a unix stream socket (SO_PEERCRED).
+pub fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// Connects vhost-user-backend's request handler (which only accepts or connects by
+/// path) to a socket in a new private directory, and returns our end of it, for the
+/// [`Relay`]. The directory (mode 0700) is removed before this returns, and the accepted
+/// connection must come from this process.
+fn connect_handler(daemon: &mut VhostUserDaemon<Arc<BlkBackend>>) -> io::Result<UnixStream> {
+    let dir = tempfile::Builder::new()
+        .prefix("vhost-device-blk-")
+        .tempdir()?;
+    let path = dir.path().join("handler.sock");
+    let listener = UnixListener::bind(&path)?;
+    let path = path
+        .to_str()
+        .ok_or_else(|| io::Error::other("temporary directory is not UTF-8"))?;
+    // Connects (queued in the backlog) and starts the crate's message thread.
+    daemon
+        .start_client(path)
+        .map_err(|e| io::Error::other(format!("vhost-user daemon: {e}")))?;
+    let (stream, _) = listener.accept()?;
+    let me = std::process::id();
+    let peer = peer_credentials(&stream)?;
+    if u32::try_from(peer.pid).ok() != Some(me) {
+        return Err(io::Error::other(format!(
+            "the handler socket was connected by process {}, not by us",
+            peer.pid
+        )));
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]

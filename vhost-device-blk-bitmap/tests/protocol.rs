@@ -37,10 +37,10 @@ fn negotiation_config_and_device_state() {
         VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
         VhostUserProtocolFeatures::DEVICE_STATE,
         VhostUserProtocolFeatures::LOG_SHMFD,
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD,
     ] {
         assert!(p.contains(want), "{want:?}");
     }
-    assert!(!p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
     assert_eq!(d.fe.get_queue_num().unwrap(), 2);
 
     let (_, cfg) =

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use qcow2::BlockImage;
 use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -249,6 +249,18 @@ pub struct Driver {
     pub protocol: VhostUserProtocolFeatures,
     pub queues: Vec<QueueDriver>,
     mem_file: File,
+    /// The inflight region the daemon gave (`connect_inflight`), kept across reconnects
+    /// as QEMU and cloud-hypervisor keep it.
+    pub inflight: Option<(VhostUserInflight, File)>,
+}
+
+/// Which ring base a reconnecting frontend sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingBase {
+    /// The used index (QEMU after a backend it could not stop).
+    Used,
+    /// The avail index (cloud-hypervisor).
+    Avail,
 }
 
 /// Guest address of queue `q`'s ring area.
@@ -271,6 +283,17 @@ pub fn data_addr(q: usize) -> u64 {
 impl Driver {
     /// Connects and negotiates everything offered except LOG_ALL.
     pub fn connect(socket: &Path, num_queues: usize) -> Self {
+        Self::connect_opts(socket, num_queues, false)
+    }
+
+    /// Like [`Driver::connect`], and asks for an inflight region (GET_INFLIGHT_FD) and
+    /// hands it back (SET_INFLIGHT_FD) before the rings start, as QEMU does.
+    pub fn connect_inflight(socket: &Path, num_queues: usize) -> Self {
+        Self::connect_opts(socket, num_queues, true)
+    }
+
+    /// SET_OWNER to SET_FEATURES; returns the frontend, acked features and protocol.
+    fn negotiate(socket: &Path, num_queues: usize) -> (Frontend, u64, VhostUserProtocolFeatures) {
         let fe = Frontend::connect(socket, num_queues as u64).unwrap();
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -280,6 +303,11 @@ impl Driver {
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let features = offered & !VhostUserVirtioFeatures::LOG_ALL.bits();
         fe.set_features(features).unwrap();
+        (fe, features, protocol)
+    }
+
+    fn connect_opts(socket: &Path, num_queues: usize, inflight: bool) -> Self {
+        let (mut fe, features, protocol) = Self::negotiate(socket, num_queues);
         let mem_file = memfd("guest-ram", MEM_SIZE as u64);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(0),
@@ -291,6 +319,17 @@ impl Driver {
         let region = mem.find_region(GuestAddress(0)).unwrap();
         fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
             .unwrap();
+        let inflight = inflight.then(|| {
+            assert!(protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+            let ask = VhostUserInflight {
+                num_queues: num_queues as u16,
+                queue_size: QSIZE,
+                ..Default::default()
+            };
+            let (info, file) = fe.get_inflight_fd(&ask).unwrap();
+            fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+            (info, file)
+        });
         let mut d = Driver {
             fe,
             mem,
@@ -299,6 +338,7 @@ impl Driver {
             protocol,
             queues: Vec::new(),
             mem_file,
+            inflight,
         };
         for q in 0..num_queues {
             d.setup_queue(q);
@@ -306,23 +346,52 @@ impl Driver {
         d
     }
 
+    /// Connects again to a (restarted) daemon with the same memory, rings and inflight
+    /// region, the way QEMU and cloud-hypervisor reconnect: each ring restarts at `base`
+    /// and is kicked.
+    pub fn reconnect(&mut self, socket: &Path, base: RingBase) {
+        let n = self.queues.len();
+        let (mut fe, _, _) = Self::negotiate(socket, n);
+        let region = self.mem.find_region(GuestAddress(0)).unwrap();
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+            .unwrap();
+        if let Some((info, file)) = &self.inflight {
+            fe.set_inflight_fd(info, file.as_raw_fd()).unwrap();
+        }
+        self.fe = fe;
+        for q in 0..n {
+            let ring = ring_base(q);
+            self.fe.set_vring_num(q, QSIZE).unwrap();
+            self.fe.set_vring_addr(q, &self.vring_config(ring)).unwrap();
+            let qd = &self.queues[q];
+            let b = match base {
+                RingBase::Used => qd.used_idx(),
+                RingBase::Avail => qd.next_avail,
+            };
+            self.fe.set_vring_base(q, b).unwrap();
+            self.fe.set_vring_call(q, &qd.call).unwrap();
+            self.fe.set_vring_kick(q, &qd.kick).unwrap();
+            self.fe.set_vring_enable(q, true).unwrap();
+            let _ = qd.kick.write(1);
+        }
+    }
+
+    fn vring_config(&self, base: u64) -> VringConfigData {
+        VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: self.host_base + base,
+            avail_ring_addr: self.host_base + base + 0x1000,
+            used_ring_addr: self.host_base + base + 0x2000,
+            log_addr: None,
+        }
+    }
+
     fn setup_queue(&mut self, q: usize) {
         let base = ring_base(q);
         self.fe.set_vring_num(q, QSIZE).unwrap();
-        self.fe
-            .set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: QSIZE,
-                    queue_size: QSIZE,
-                    flags: 0,
-                    desc_table_addr: self.host_base + base,
-                    avail_ring_addr: self.host_base + base + 0x1000,
-                    used_ring_addr: self.host_base + base + 0x2000,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
+        self.fe.set_vring_addr(q, &self.vring_config(base)).unwrap();
         self.fe.set_vring_base(q, 0).unwrap();
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
