@@ -272,6 +272,9 @@ fn crafted_crash_resubmits_with_cloud_hypervisors_ring_base_on_io_uring() {
 /// Queue depth of the load.
 const QD: usize = 8;
 
+/// Reads the final image at an offset.
+type ReadAt = dyn Fn(u64, &mut [u8]);
+
 /// The image of the load test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -455,7 +458,7 @@ fn kill9_load(kind: Kind) {
             "b0 is dirty where nothing was written: {dirty:?}"
         );
     }
-    let read_block: Box<dyn Fn(u64, &mut [u8])> = match kind {
+    let read_block: Box<ReadAt> = match kind {
         Kind::Raw => {
             let img = File::open(&image).unwrap();
             Box::new(move |o, buf| img.read_exact_at(buf, o).unwrap())
