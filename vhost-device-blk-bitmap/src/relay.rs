@@ -32,9 +32,9 @@ use crate::inflight::{self, InflightLog, InflightRegion};
 /// Bytes of a message header: request, flags, payload size.
 const HEADER: usize = 12;
 /// Largest payload (vhost's limit for the messages it accepts).
-const MAX_PAYLOAD: usize = 0x1000;
+const MAX_PAYLOAD: usize = vhost::vhost_user::message::MAX_MSG_SIZE;
 /// Most descriptors one message may carry.
-const MAX_FDS: usize = 32;
+const MAX_FDS: usize = vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
