@@ -42,6 +42,8 @@ command -v man >/dev/null || need+=(man-db)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
+# Line coverage (resources/coverage.sh) needs llvm-profdata/llvm-cov of LLVM 19 or later.
+ls /usr/lib/llvm-{19,20,21,22}/bin/llvm-cov >/dev/null 2>&1 || need+=(llvm-19)
 command -v apt-get >/dev/null || die "this script expects a Debian 12 host"
 ((${#need[@]} == 0)) || apt_install "${need[@]}"
 
@@ -76,4 +78,10 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 # --- tests ---------------------------------------------------------------------------
 log "cargo test --workspace --release $*"
-exec cargo test --workspace --release "$@"
+cargo test --workspace --release "$@"
+
+# --- line coverage of the libraries, against coverage_config_x86_64.json --------------
+# (a run narrowed by arguments is not the whole suite: no coverage figure then)
+if (($# == 0)); then
+    resources/coverage.sh
+fi
