@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -29,6 +29,8 @@ pub struct Connection {
     pub features: u64,
     /// Disk size in bytes from the config space.
     pub capacity: u64,
+    /// The inflight region, when negotiated (kept as a frontend keeps it).
+    _inflight: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -57,11 +59,14 @@ fn eventfd(flags: i32) -> Result<EventFd> {
 
 /// Connects to `socket`, negotiates VERSION_1, FLUSH (writeback cache, as a Linux
 /// guest), BLK_SIZE, SEG_MAX, TOPOLOGY and (when `event_idx`) RING_EVENT_IDX, shares
-/// `mem` and starts queue 0.
+/// `mem` and starts queue 0. With `inflight`, also INFLIGHT_SHMFD when the server offers
+/// it, with a region fetched and handed back before the ring starts (as QEMU and
+/// cloud-hypervisor do), so the server tracks every request in it.
 pub fn connect<'m>(
     socket: &Path,
     mem: &'m GuestMem,
     event_idx: bool,
+    inflight: bool,
 ) -> Result<(Connection, SplitQueue<'m>)> {
     let mut fe = vu(socket, "connect", Frontend::connect(socket, 1))?;
     vu(socket, "SET_OWNER", fe.set_owner())?;
@@ -75,11 +80,15 @@ pub fn connect<'m>(
         }
     }
     let proto = vu(socket, "GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
-    let need = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
+    let mut need = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
     if !proto.contains(need) {
         return Err(BenchError::MissingFeature(
             "protocol features REPLY_ACK and CONFIG",
         ));
+    }
+    let inflight = inflight && proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    if inflight {
+        need |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     }
     vu(
         socket,
@@ -113,6 +122,22 @@ pub fn connect<'m>(
     };
     vu(socket, "SET_MEM_TABLE", fe.set_mem_table(&[region]))?;
 
+    let region = if inflight {
+        let ask = VhostUserInflight {
+            num_queues: 1,
+            queue_size: QSIZE,
+            ..Default::default()
+        };
+        let (info, file) = vu(socket, "GET_INFLIGHT_FD", fe.get_inflight_fd(&ask))?;
+        vu(
+            socket,
+            "SET_INFLIGHT_FD",
+            fe.set_inflight_fd(&info, std::os::fd::AsRawFd::as_raw_fd(&file)),
+        )?;
+        Some(file)
+    } else {
+        None
+    };
     let base = mem.host_base();
     vu(socket, "SET_VRING_NUM", fe.set_vring_num(0, QSIZE))?;
     vu(
@@ -143,6 +168,7 @@ pub fn connect<'m>(
             _fe: fe,
             features,
             capacity,
+            _inflight: region,
         },
         q,
     ))

@@ -39,6 +39,10 @@ struct Cli {
     /// Do not negotiate VIRTIO_RING_F_EVENT_IDX.
     #[arg(long)]
     no_event_idx: bool,
+    /// Negotiate INFLIGHT_SHMFD when the server offers it (a region fetched and handed
+    /// back, as QEMU and cloud-hypervisor do): the server then tracks every request.
+    #[arg(long)]
+    inflight: bool,
     /// Label printed on every line (e.g. the server's name).
     #[arg(long, default_value = "-")]
     label: String,
@@ -62,7 +66,7 @@ fn run(cli: &Cli) -> Result<bool> {
         timeout: Duration::from_secs(30),
     };
     let mem = GuestMem::new(MEM_SIZE)?;
-    let (conn, mut q) = connect(&cli.socket, &mem, !cli.no_event_idx)?;
+    let (conn, mut q) = connect(&cli.socket, &mem, !cli.no_event_idx, cli.inflight)?;
     let mut ok = true;
     for (i, spec) in jobs.iter().enumerate() {
         let r = run_job(
