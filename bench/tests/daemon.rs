@@ -66,9 +66,10 @@ fn drives_the_daemon_and_writes_land() {
         thread::sleep(Duration::from_millis(10));
     }
 
-    {
+    // Without and with an inflight region (the daemon listens again after a disconnect).
+    for inflight in [false, true] {
         let mem = GuestMem::new(MEM_SIZE).unwrap();
-        let (conn, mut q) = connect(&socket, &mem, true).unwrap();
+        let (conn, mut q) = connect(&socket, &mem, true, inflight).unwrap();
         assert_eq!(conn.capacity, DISK as u64);
         let pid = Some(std::process::id());
         for (i, name) in ["randwrite-4k-qd4", "randread-4k-qd1", "write-64k-qd2"]
@@ -109,6 +110,6 @@ fn drives_the_daemon_and_writes_land() {
 fn refuses_a_missing_socket() {
     let dir = tempfile::tempdir().unwrap();
     let mem = GuestMem::new(MEM_SIZE).unwrap();
-    let e = connect(&dir.path().join("none.sock"), &mem, true).unwrap_err();
+    let e = connect(&dir.path().join("none.sock"), &mem, true, false).unwrap_err();
     assert!(e.to_string().contains("none.sock"), "{e}");
 }

@@ -46,7 +46,7 @@ pub fn offered_features(read_only: bool) -> u64 {
 }
 
 /// Protocol features offered (REPLY_ACK is also added by the vhost crate itself).
-/// INFLIGHT_SHMFD is answered by [`crate::relay`], in front of the crate.
+/// INFLIGHT_SHMFD is answered by the relay (`relay.rs`), in front of the crate.
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
@@ -436,7 +436,7 @@ impl BlkBackend {
     }
 
     /// The inflight tracking of this connection, for the relay that installs its region.
-    pub fn inflight_log(&self) -> &Arc<InflightLog> {
+    pub(crate) fn inflight_log(&self) -> &Arc<InflightLog> {
         &self.inflight_log
     }
 }

@@ -233,16 +233,6 @@ impl InflightRegion {
         })
     }
 
-    /// Queues the region has.
-    pub fn num_queues(&self) -> u16 {
-        self.num_queues
-    }
-
-    /// Descriptors per queue.
-    pub fn queue_size(&self) -> u16 {
-        self.queue_size
-    }
-
     /// The byte at `offset` of queue `q`'s region as an atomic of type `T`.
     ///
     /// # Safety

@@ -4,7 +4,8 @@
 //! Layers: [`args`] (command line) → [`config`] (validated settings) → [`disk`] (image
 //! opening with QEMU-compatible [`lock`]s) → [`device`] (virtio-blk emulation) ←
 //! [`transport`] (descriptor chains) ← [`backend`] (vhost-user) ← [`server`] (listen loop,
-//! signals).
+//! signals, and a relay in front of vhost-user-backend for the inflight messages it does
+//! not support).
 
 pub mod args;
 pub mod backend;
@@ -16,11 +17,11 @@ pub mod daemon;
 pub mod device;
 pub mod disk;
 pub mod exports;
-pub mod inflight;
+mod inflight;
 pub mod lock;
 pub mod nbd_export;
-pub mod relay;
-pub mod replay;
+mod relay;
+mod replay;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
