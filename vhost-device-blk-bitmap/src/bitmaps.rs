@@ -7,7 +7,11 @@
 //! * [`PersistentBitmaps::apply`] creates or checks the `--bitmap` bitmaps.
 //! * [`PersistentBitmaps::store_idle`] / `on_frontend_disconnected`: store, so the image
 //!   on disk is clean while no VM is attached.
-//! * `on_frontend_connected`: flag IN_USE again before any request is served.
+//! * `on_frontend_connected`: flag IN_USE again before any request is served, and
+//!   reserve (allocate and preallocate) the clusters a store of the bitmaps needs with
+//!   every bit set, which the store writes into: a store on a file system that filled up
+//!   meanwhile succeeds. The store frees what it did not use; a failure to reserve is a
+//!   warning naming the image (the crash-consistency shadow stays the fallback).
 //! * `on_shutdown`: store (if needed) and flush.
 //!
 //! Dropping a tracker whose bitmaps still need storing stores them (or logs why it could
@@ -182,7 +186,9 @@ impl PersistentBitmaps {
 
     /// Like [`PersistentBitmaps::open_node`] with every option: `crash_consistent` keeps
     /// the persistent shadow that lets bitmaps left in use by a crash be recovered (and
-    /// runs its syncer thread); bitmaps recovered from a shadow are logged.
+    /// runs its syncer thread); `reserve` keeps the clusters a store needs allocated
+    /// while the bitmaps are in use (a failure to reserve them is a warning); bitmaps
+    /// recovered from a shadow are logged.
     pub fn open_with(
         image: Arc<Qcow2Image>,
         name: &str,
@@ -210,6 +216,7 @@ impl PersistentBitmaps {
         let opts = OpenOptions {
             max_memory,
             crash_consistent: true,
+            reserve: true,
         };
         Self::open_with(image, name, node, opts)
     }
@@ -245,6 +252,7 @@ impl PersistentBitmaps {
             writers: Mutex::new(0),
             syncer: Mutex::new(syncer),
         };
+        me.warn_reserve();
         for b in me.bitmaps.list().iter().filter(|b| b.inconsistent) {
             warn!(
                 "bitmap '{}' in '{name}' is inconsistent and will not be tracked; remove it \
@@ -312,6 +320,25 @@ impl PersistentBitmaps {
             }
         }
         Ok(())
+    }
+
+    /// Warns (naming the image) when the space a store of the bitmaps needs could not be
+    /// reserved by the last attempt: a store on a full file system may then fail.
+    fn warn_reserve(&self) {
+        if let Some(e) = self.bitmaps.reserve_error() {
+            warn!(
+                "could not reserve the space a store of the persistent bitmaps of '{}' \
+                 needs ({e}, {} bytes reserved): if the file system fills up, storing them \
+                 may fail; {}",
+                self.name,
+                self.bitmaps.reserved_bytes(),
+                if self.recoverable() {
+                    "their crash-consistency shadow keeps them recoverable"
+                } else {
+                    "they would then be reported inconsistent on the next open"
+                }
+            );
+        }
     }
 
     /// The in-memory bitmaps (for inspection).
@@ -414,7 +441,9 @@ impl PersistentBitmaps {
         self.bitmaps
             .transaction_with(&*self.image, actions, opts, at_commit)
             .map_err(|e| BitmapError::Action(e.error))?;
-        if !*owed {
+        if *owed {
+            self.warn_reserve();
+        } else {
             // A failed store leaves the bitmaps owed: the next stop retries.
             *owed = true;
             self.store_locked()?;
@@ -436,7 +465,9 @@ impl PersistentBitmaps {
             .map_err(|source| BitmapError::InUse {
                 image: self.name.clone(),
                 source,
-            })
+            })?;
+        self.warn_reserve();
+        Ok(())
     }
 
     /// A writer attaches (the frontend, a writable export): the first one flags the
@@ -509,6 +540,11 @@ impl Drop for PersistentBitmaps {
                 error!("{e}");
             }
         }
+        // Closed for good: a store reserve left by a failed store is freed (a successful
+        // store already freed it), so it does not stay as leaked clusters.
+        if !self.bitmaps.is_read_only() {
+            self.bitmaps.release_reserve(&*self.image);
+        }
         if let Some(shadow) = self.bitmaps.shadow() {
             shadow.shutdown();
         }
@@ -544,6 +580,7 @@ pub fn tracker_for(
     let opts = OpenOptions {
         max_memory: config.max_bitmap_memory,
         crash_consistent: config.crash_consistent_bitmaps,
+        reserve: true,
     };
     let tracker = PersistentBitmaps::open_with(image, &name, &config.node_name, opts)?;
     tracker.apply(&config.bitmaps)?;

@@ -559,15 +559,105 @@ fn read_only_and_raw_images() {
     );
 }
 
-/// The file system under the image fills up while a VM is attached: the store at the
-/// disconnect fails. If space comes back before the stop, the stop stores the bitmaps
-/// (exit 0, clean bitmap); if not, SIGTERM exits non-zero naming the image and the
-/// bitmap — which its crash-consistency shadow keeps recoverable: the next start, on the
-/// still full file system, recovers it and serves; once space is back its stop stores
-/// it with every write of both runs. No corruption at any point.
+/// The file system under a served image fills up while a VM is attached. The store
+/// needs no new space: the clusters it writes (b0's data and table and the directory,
+/// 3 clusters of 64 KiB here) were reserved and preallocated when the VM connected. So
+/// the store succeeds — at the disconnect, or at a SIGTERM with the VM still attached —
+/// the stop exits 0, b0 covers every acknowledged write, and `qemu-img check` is clean
+/// (the store freed what it did not use: no leak).
+#[test]
+fn a_store_on_a_file_system_that_filled_up_succeeds_from_the_reserve() {
+    use std::process::Command;
+    if !have_tools() {
+        return;
+    }
+    for sigterm_attached in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(fs) = common::SmallFs::mount(dir.path(), "4m") else {
+            return;
+        };
+        let img = fs.0.join("disk.qcow2");
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("64M"));
+        run(Command::new(common::BIN)
+            .args(["bitmap", "add"])
+            .arg(&img)
+            .args(["b0", "-g", "64K"]));
+        let socket = dir.path().join("vhost.sock");
+        let mut child = common::spawn(&socket, &img, &["--format", "qcow2"]);
+        common::wait_for_socket(&mut child, &socket);
+        let mut d = common::Driver::connect(&socket, 1);
+        d.write_data(0, &[0x42; 65536]);
+        for i in 0..8u64 {
+            assert_eq!(d.request(0, T_OUT, i * 2048, Some((65536, false))).0, 0);
+        }
+        // Fill what is left of the file system.
+        let filler = fs.0.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xffu8; 4096];
+        while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+        drop(f);
+        assert!(
+            std::fs::write(fs.0.join("more"), [0u8; 4096]).is_err(),
+            "the file system is full"
+        );
+        if !sigterm_attached {
+            drop(d);
+            wait_until("the store at the disconnect", || {
+                flags(&img, "b0") == strs(&["auto"])
+            });
+            check_clean(&img);
+        }
+        // SAFETY: kill only sends a signal to the child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let st = common::wait_exit(&mut child, 20);
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+        assert!(
+            st.success(),
+            "exit status {st} (VM attached at the stop: {sigterm_attached}):\n{log}"
+        );
+        assert!(
+            log.contains("reserved 3 cluster(s) (196608 bytes) in 'disk0'"),
+            "{log}"
+        );
+        assert!(
+            !log.contains("could not store") && !log.contains("could not reserve"),
+            "{log}"
+        );
+        assert!(
+            log.contains("stored persistent bitmaps of")
+                && log.contains("b0 (8 dirty granule(s) of 65536 bytes"),
+            "{log}"
+        );
+        assert!(std::fs::metadata(&filler).is_ok(), "still full");
+        check_clean(&img);
+        e2e::qemu_img_check(&img).unwrap();
+        assert_eq!(flags(&img, "b0"), strs(&["auto"]));
+        assert_eq!(
+            bitmap_dirty_extents(&img, "b0").unwrap(),
+            (0..8u64).map(|i| (i << 20, K64)).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// The fallback when the reservation cannot be made: b0 at 512-byte granularity on a
+/// 64 GiB disk needs 16 MiB for its data alone in the worst case, more than the whole
+/// 4 MiB file system, so it is never reserved (a warning says so). The file system then
+/// fills up while a VM is attached, having written into 8 of b0's data clusters (one
+/// per 256 MiB): the store at the disconnect fails. If space comes back before the stop,
+/// the stop stores the bitmaps (exit 0, clean bitmap); if not, SIGTERM exits non-zero
+/// naming the image and the bitmap — which its crash-consistency shadow keeps
+/// recoverable: the next start, on the still full file system, recovers it and serves;
+/// once space is back its stop stores it with every write of both runs. No corruption at
+/// any point.
 #[test]
 fn a_failed_store_is_retried_at_the_stop_and_a_lost_bitmap_fails_the_exit() {
     use std::process::Command;
+    // One 64 KiB write per 256 MiB: each lands in its own data cluster of b0.
+    let sectors: Vec<u64> = (0..8u64).map(|i| i * (256 << 20) / 512).collect();
     for space_back in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let Some(fs) = common::SmallFs::mount(dir.path(), "4m") else {
@@ -579,18 +669,18 @@ fn a_failed_store_is_retried_at_the_stop_and_a_lost_bitmap_fails_the_exit() {
         ok(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&img)
-            .arg("64M"));
+            .arg("64G"));
         ok(Command::new(common::BIN)
             .args(["bitmap", "add"])
             .arg(&img)
-            .args(["b0", "-g", "64K"]));
+            .args(["b0", "-g", "512"]));
         let socket = dir.path().join("vhost.sock");
         let mut child = common::spawn(&socket, &img, &["--format", "qcow2"]);
         common::wait_for_socket(&mut child, &socket);
         let mut d = common::Driver::connect(&socket, 1);
         d.write_data(0, &[0x42; 65536]);
-        for i in 0..8u64 {
-            assert_eq!(d.request(0, 1, i * 2048, Some((65536, false))).0, 0);
+        for &s in &sectors {
+            assert_eq!(d.request(0, 1, s, Some((65536, false))).0, 0);
         }
         // Fill what is left of the file system; the store at the disconnect fails.
         let filler = mnt.join("filler");
@@ -608,6 +698,14 @@ fn a_failed_store_is_retried_at_the_stop_and_a_lost_bitmap_fails_the_exit() {
         let st = child.wait().unwrap();
         let mut log = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+        let image = img.display().to_string();
+        assert!(
+            log.contains(&format!(
+                "could not reserve the space a store of the persistent bitmaps of '{image}' \
+                 needs"
+            )) && log.contains("their crash-consistency shadow keeps them recoverable"),
+            "the reservation failed, and the log says so: {log}"
+        );
         assert!(
             log.contains("could not store the persistent bitmaps") && log.contains("b0"),
             "the failed store at the disconnect is reported: {log}"
@@ -629,7 +727,7 @@ fn a_failed_store_is_retried_at_the_stop_and_a_lost_bitmap_fails_the_exit() {
             let mut d = common::Driver::connect(&socket, 1);
             // An overwrite (a new cluster would need space the file system lacks).
             d.write_data(0, &[0x43; 65536]);
-            assert_eq!(d.request(0, 1, 3 * 2048, Some((65536, false))).0, 0);
+            assert_eq!(d.request(0, 1, sectors[3], Some((65536, false))).0, 0);
             drop(d);
             std::thread::sleep(std::time::Duration::from_millis(500));
             std::fs::remove_file(&filler).unwrap();
@@ -645,7 +743,7 @@ fn a_failed_store_is_retried_at_the_stop_and_a_lost_bitmap_fails_the_exit() {
             );
             assert!(log2.contains("serving anyway"), "{log2}");
             let dirty = e2e::tools::bitmap_dirty_extents(&img, "b0").unwrap();
-            for block in (0..8u64).map(|i| i << 20) {
+            for block in sectors.iter().map(|s| s * 512) {
                 assert!(
                     dirty.iter().any(|&(o, l)| o <= block && block < o + l),
                     "write at {block:#x} missing from the recovered and stored b0: {dirty:?}"

@@ -23,6 +23,9 @@
 //! * Crash consistency: [`Bitmaps::open_with`] with `crash_consistent` keeps a
 //!   persistent [`Shadow`] while bitmaps are in use, and recovers bitmaps a crash left
 //!   in use (module [`shadow`]; open the image with [`KNOWN_AUTOCLEAR`]).
+//! * Store reserve: with [`OpenOptions::reserve`], while bitmaps are in use the clusters
+//!   a store needs in the worst case are allocated and preallocated, so a store on a full
+//!   file system succeeds ([`Bitmaps::reserved_bytes`], [`Bitmaps::reserve_error`]).
 //! * Errors: [`Error`], whose texts are QEMU's where QEMU has one.
 //!
 //! With the `testing` feature (for dev-dependencies only), `testing::MemImage` is an
@@ -33,6 +36,7 @@ pub mod format;
 pub mod limits;
 mod load;
 mod ops;
+mod reserve;
 mod set;
 pub mod shadow;
 mod store;

@@ -43,6 +43,15 @@ pub struct OpenOptions {
     /// recoverable (see the `shadow` module). A shadow found on open is used for recovery
     /// whatever this says; with `false` it is then removed.
     pub crash_consistent: bool,
+    /// Keep a *store reserve* while bitmaps are in use (from [`Bitmaps::open_with`] or
+    /// [`Bitmaps::mark_in_use_again`] to the next successful [`Bitmaps::store`]): the
+    /// clusters a store of every persistent bitmap with every bit set needs (data,
+    /// tables, directory), allocated and preallocated in the file system and referenced
+    /// by nothing on disk, which the store then writes into — so a store on a file system
+    /// that filled up meanwhile succeeds. The set keeps it up to date as bitmaps are added
+    /// and removed; a failure to reserve is reported by [`Bitmaps::reserve_error`], never
+    /// as an error. After a crash the reserve shows as leaked clusters.
+    pub reserve: bool,
 }
 
 impl Default for OpenOptions {
@@ -50,6 +59,7 @@ impl Default for OpenOptions {
         OpenOptions {
             max_memory: DEFAULT_MAX_MEMORY,
             crash_consistent: false,
+            reserve: false,
         }
     }
 }
@@ -286,6 +296,7 @@ impl Bitmaps {
         let mut b = Bitmaps::from_state(node, false, vs, img.cluster_size(), loaded.state);
         b.shadow = Some(Arc::new(shadow));
         b.recovered = loaded.recovered;
+        b.reserve_enabled = opts.reserve;
         b.mark_in_use_again(img)?;
         if let Some(s) = b.shadow.as_ref().filter(|s| !s.is_armed()) {
             // Not armed now, so no shadow may stay in the header: one left there unused
@@ -310,12 +321,19 @@ impl Bitmaps {
     }
 
     /// Sets IN_USE on disk for every loaded (consistent, persistent) bitmap whose entry
-    /// lacks it, e.g. after [`Bitmaps::store`] when the daemon goes on serving writes.
+    /// lacks it, e.g. after [`Bitmaps::store`] when the daemon goes on serving writes;
+    /// then fills the store reserve, if the set keeps one ([`OpenOptions::reserve`]).
     pub fn mark_in_use_again(&self, img: &dyn ImageMetadata) -> Result<()> {
         if self.read_only {
             return Err(Error::NoWriteAccess);
         }
         let mut st = self.lock();
+        self.mark_in_use_locked(img, &mut st)?;
+        self.start_reserve(img, &st);
+        Ok(())
+    }
+
+    fn mark_in_use_locked(&self, img: &dyn ImageMetadata, st: &mut State) -> Result<()> {
         let mut changed = false;
         let mut new_dir: Vec<DirEntry> = Vec::new();
         let mut consistent = Vec::new();
@@ -348,7 +366,7 @@ impl Bitmaps {
         if !changed {
             return Ok(());
         }
-        update_in_place(img, &st, &new_dir).map_err(|e| Error::InUseUpdate(Box::new(e)))?;
+        update_in_place(img, st, &new_dir).map_err(|e| Error::InUseUpdate(Box::new(e)))?;
         let mut it = new_dir.into_iter();
         for e in st.entries.iter_mut().filter(|e| e.disk.is_some()) {
             e.disk = it.next();

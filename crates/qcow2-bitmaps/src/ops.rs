@@ -82,6 +82,7 @@ impl Bitmaps {
             disk: None,
         });
         self.publish(&st);
+        self.refill(img, &st);
         Ok(())
     }
 
@@ -104,10 +105,12 @@ impl Bitmaps {
                 .filter_map(|(_, e)| e.disk.clone())
                 .collect();
             let mut allocated = Vec::new();
-            let written = write_directory(img, &remaining, &mut allocated).and_then(|x| {
-                img.flush_metadata().map_err(Error::UpdateExtension)?;
-                Ok(x)
-            });
+            let written =
+                write_directory(img, &remaining, &mut allocated, &mut self.lock_reserve())
+                    .and_then(|x| {
+                        img.flush_metadata().map_err(Error::UpdateExtension)?;
+                        Ok(x)
+                    });
             let ext = match written {
                 Ok(x) => x,
                 Err(e) => {
@@ -127,11 +130,13 @@ impl Bitmaps {
             st.ext = ext;
             st.entries.remove(idx);
             self.publish(&st);
+            self.refill(img, &st);
             drop(st);
             free_old(img, old_ext, &[old]);
         } else {
             st.entries.remove(idx);
             self.publish(&st);
+            self.refill(img, &st);
         }
         Ok(())
     }

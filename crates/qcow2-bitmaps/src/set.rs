@@ -157,6 +157,10 @@ pub struct Bitmaps {
     pub(crate) shadow: Option<Arc<crate::shadow::Shadow>>,
     /// Bitmaps recovered from the shadow on open (name, bytes added).
     pub(crate) recovered: Vec<(String, u64)>,
+    /// Keep a store reserve while bitmaps are in use (`OpenOptions::reserve`).
+    pub(crate) reserve_enabled: bool,
+    /// The store reserve (locked after `state`, never before it).
+    pub(crate) reserve: Mutex<crate::reserve::Reserve>,
 }
 
 impl std::fmt::Debug for Bitmaps {
@@ -189,6 +193,8 @@ impl Bitmaps {
             state: Mutex::new(state),
             shadow: None,
             recovered: Vec::new(),
+            reserve_enabled: false,
+            reserve: Mutex::new(Default::default()),
         };
         b.publish(&b.lock());
         b

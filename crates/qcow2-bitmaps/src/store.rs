@@ -8,6 +8,7 @@ use qcow2::{HeaderUpdate, HostOffset, ImageMetadata, AUTOCLEAR_BITMAPS, EXT_BITM
 use crate::error::{Error, Result};
 use crate::format::{directory_size, serialize_directory, BitmapsExt, DirEntry, FLAG_AUTO};
 use crate::limits::{MAX_BITMAPS, MAX_DIRECTORY_SIZE};
+use crate::reserve::{allocate, Reserve};
 use crate::set::{Bitmaps, State};
 use crate::shadow::{self, Shadow};
 use crate::table::{clusters_for, free_bitmap_clusters, write_bitmap};
@@ -21,12 +22,13 @@ pub(crate) fn free_allocated(img: &dyn ImageMetadata, allocated: &[(u64, u64)]) 
     }
 }
 
-/// Writes `entries` as a directory into new clusters (recorded in `allocated`).
-/// Returns the extension describing it, or `None` for an empty directory.
+/// Writes `entries` as a directory into new clusters (from `reserve` first; recorded in
+/// `allocated`). Returns the extension describing it, or `None` for an empty directory.
 pub(crate) fn write_directory(
     img: &dyn ImageMetadata,
     entries: &[DirEntry],
     allocated: &mut Vec<(u64, u64)>,
+    reserve: &mut Reserve,
 ) -> Result<Option<BitmapsExt>> {
     if entries.is_empty() {
         return Ok(None);
@@ -40,10 +42,7 @@ pub(crate) fn write_directory(
     }
     let bytes = serialize_directory(entries);
     let n = clusters_for(size, img.cluster_size());
-    let off = img
-        .allocate_clusters(n)
-        .map_err(Error::UpdateExtension)?
-        .get();
+    let off = allocate(img, reserve, n).map_err(Error::UpdateExtension)?;
     allocated.push((off, n));
     img.write_metadata(HostOffset(off), &bytes)
         .map_err(Error::UpdateExtension)?;
@@ -158,6 +157,7 @@ impl Bitmaps {
             .map(|(i, _)| i)
             .collect();
         if to_store.is_empty() {
+            self.release_reserve(img);
             return Ok(());
         }
         let lost = |reason: Error, st: &State| Error::Lost {
@@ -169,15 +169,22 @@ impl Bitmaps {
             reason: Box::new(reason),
         };
         let mut allocated = Vec::new();
-        let written = self.write_all(img, &st, &mut allocated).and_then(|v| {
-            img.flush_metadata()
-                .map(|_| v)
-                .map_err(Error::UpdateExtension)
-        });
+        let mut reserve = self.lock_reserve();
+        let written = self
+            .write_all(img, &st, &mut allocated, &mut reserve)
+            .and_then(|v| {
+                img.flush_metadata()
+                    .map(|_| v)
+                    .map_err(Error::UpdateExtension)
+            });
+        drop(reserve);
         let (new_dir, ext) = match written {
             Ok(v) => v,
             Err(e) => {
                 free_allocated(img, &allocated);
+                // The bitmaps stay in use: top the reserve up for the next try (the
+                // clusters just freed can serve it even on a full file system).
+                self.refill(img, &st);
                 return Err(lost(e, &st));
             }
         };
@@ -188,6 +195,7 @@ impl Bitmaps {
             log::warn!(
                 "bitmap store failed while switching the header; new clusters are left allocated"
             );
+            self.refill(img, &st);
             return Err(lost(e, &st));
         }
         let old_ext = st.ext;
@@ -205,6 +213,9 @@ impl Bitmaps {
             }
         }
         st.ext = ext;
+        // Nothing is in use on disk any more: no reserve until bitmaps are flagged in use
+        // again (a cleanly stored image has no cluster that nothing references).
+        self.release_reserve(img);
         drop(st);
         free_old(img, old_ext, &dropped);
         Ok(())
@@ -216,6 +227,7 @@ impl Bitmaps {
         img: &dyn ImageMetadata,
         st: &State,
         allocated: &mut Vec<(u64, u64)>,
+        reserve: &mut Reserve,
     ) -> Result<(Vec<DirEntry>, Option<BitmapsExt>)> {
         let mut new_dir = Vec::new();
         for e in &st.entries {
@@ -225,7 +237,7 @@ impl Bitmaps {
                 }
                 continue;
             };
-            let (table_offset, table_size) = write_bitmap(img, &e.name, bm, allocated)?;
+            let (table_offset, table_size) = write_bitmap(img, &e.name, bm, allocated, reserve)?;
             new_dir.push(DirEntry {
                 table_offset,
                 table_size,
@@ -234,7 +246,7 @@ impl Bitmaps {
                 name: e.disk_name(),
             });
         }
-        let ext = write_directory(img, &new_dir, allocated)?;
+        let ext = write_directory(img, &new_dir, allocated, reserve)?;
         Ok((new_dir, ext))
     }
 }

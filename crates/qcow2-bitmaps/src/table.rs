@@ -7,6 +7,7 @@ use qcow2::{HostOffset, ImageMetadata};
 use crate::error::{Error, Result};
 use crate::format::{decode_table_entry, DirEntry, TableEntry, FLAG_AUTO};
 use crate::limits::{table_size, MAX_PHYS_SIZE, MAX_TABLE_SIZE};
+use crate::reserve::{allocate, Reserve};
 
 /// Largest single data write while storing (several contiguous clusters at once).
 const WRITE_BATCH: u64 = 4 << 20;
@@ -209,14 +210,16 @@ fn deserialize_nonzero(
     Ok(())
 }
 
-/// Writes `bm` to new clusters: only data clusters holding a set bit, then the table.
-/// Returns `(table_offset, table_size)`. Every allocation is appended to `allocated`
-/// (offset, clusters) before it is used, so the caller can free them on failure.
+/// Writes `bm` to new clusters (from `reserve` first): only data clusters holding a set
+/// bit, then the table. Returns `(table_offset, table_size)`. Every allocation is
+/// appended to `allocated` (offset, clusters) before it is used, so the caller can free
+/// them on failure.
 pub(crate) fn write_bitmap(
     img: &dyn ImageMetadata,
     name: &str,
     bm: &DirtyBitmap,
     allocated: &mut Vec<(u64, u64)>,
+    reserve: &mut Reserve,
 ) -> Result<(u64, u32)> {
     let cs = img.cluster_size();
     let tb_size = table_size(bm.size(), bm.granularity_bits(), cs);
@@ -232,7 +235,7 @@ pub(crate) fn write_bitmap(
         .collect();
     let mut table = vec![0u64; tb_size as usize];
     if !dirty.is_empty() {
-        let base = img.allocate_clusters(dirty.len() as u64).map_err(wr)?.get();
+        let base = allocate(img, reserve, dirty.len() as u64).map_err(wr)?;
         allocated.push((base, dirty.len() as u64));
         let per_batch = (WRITE_BATCH / cs).max(1) as usize;
         let mut buf = Vec::new();
@@ -250,7 +253,7 @@ pub(crate) fn write_bitmap(
     }
     let tbytes: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
     let tclusters = clusters_for(tbytes.len() as u64, cs);
-    let toff = img.allocate_clusters(tclusters).map_err(wr)?.get();
+    let toff = allocate(img, reserve, tclusters).map_err(wr)?;
     allocated.push((toff, tclusters));
     img.write_metadata(HostOffset(toff), &tbytes).map_err(wr)?;
     Ok((toff, tb_size as u32))

@@ -82,6 +82,9 @@ pub struct MemState {
     pub ops: usize,
     /// Allocations counted for `fail_alloc`.
     pub allocs: usize,
+    /// A full file system: writes reaching past this file length fail with ENOSPC
+    /// (allocations still succeed, as the engine's only change refcounts).
+    pub file_limit: Option<u64>,
 }
 
 /// An in-memory image implementing [`ImageMetadata`].
@@ -119,6 +122,7 @@ impl MemImage {
                 fail_alloc: None,
                 ops: 0,
                 allocs: 0,
+                file_limit: None,
             }),
         }
     }
@@ -340,6 +344,12 @@ impl ImageMetadata for MemImage {
             }
         }
         s.check_allocated(off, len, "write")?;
+        if s.file_limit.is_some_and(|limit| off + len > limit) {
+            return Err(Error::io(
+                format!("writing {len} bytes at {off:#x}"),
+                io::Error::from_raw_os_error(28), // ENOSPC
+            ));
+        }
         s.mutating("write_metadata")?;
         let end = (off + len) as usize;
         if s.file.len() < end {

@@ -174,6 +174,7 @@ impl Bitmaps {
             let mut allocated = Vec::new();
             let mut dir = Vec::new();
             let mut consistent = Vec::new();
+            let mut reserve = self.lock_reserve();
             let written = (|| -> Result<()> {
                 for (i, s) in staged.iter().enumerate() {
                     if let Some(d) = &s.disk {
@@ -182,7 +183,7 @@ impl Bitmaps {
                     } else if s.new && s.persistent && opts.persist_new_in_use {
                         let bm = s.bitmap.as_ref().ok_or(Error::BrokenDirectory)?;
                         let (table_offset, table_size) =
-                            write_bitmap(img, &s.name, bm, &mut allocated)?;
+                            write_bitmap(img, &s.name, bm, &mut allocated, &mut reserve)?;
                         let d = DirEntry {
                             table_offset,
                             table_size,
@@ -195,16 +196,18 @@ impl Bitmaps {
                         consistent.push(true);
                     }
                 }
-                let ext = write_directory(img, &dir, &mut allocated)?;
+                let ext = write_directory(img, &dir, &mut allocated, &mut reserve)?;
                 img.flush_metadata().map_err(Error::UpdateExtension)?;
                 self.switch(img, ext, &dir, &consistent)?;
                 st.ext = ext;
                 Ok(())
             })();
+            drop(reserve);
             if let Err(error) = written {
                 if st.ext == old_ext {
                     free_allocated(img, &allocated);
                 }
+                self.refill(img, &st);
                 return Err(TxnError {
                     index: actions.len().saturating_sub(1),
                     error,
@@ -257,6 +260,8 @@ impl Bitmaps {
         at_commit();
         self.gate.resume();
         let new_ext = st.ext;
+        // A bitmap added (or removed) changes what a store may need.
+        self.refill(img, &st);
         drop(st);
         if dir_changed && old_ext != new_ext {
             free_old(img, old_ext, &removed_disk);

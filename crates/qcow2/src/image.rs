@@ -1375,6 +1375,15 @@ impl ImageMetadata for Qcow2Image {
             .ctx(|| format!("writing {} bytes durably at {offset}", buf.len()))
     }
 
+    fn preallocate_owned(&self, offset: HostOffset, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.storage
+            .zero_range(offset.0, len)
+            .ctx(|| format!("preallocating {len} bytes at {offset}"))
+    }
+
     fn sync_owned(&self) -> Result<()> {
         self.storage
             .sync()

@@ -660,16 +660,14 @@ impl Meta {
                 // Shared with a snapshot: copy the table.
                 self.load_l2(old)?;
                 let data: Box<[u8]> = self.l2_cache.get(old).unwrap().into();
-                let new = HostOffset(self.alloc_clusters(1)? * self.cluster_size());
-                self.check_fresh(new.0, self.cluster_size())?;
+                let new = self.alloc_table_cluster()?;
                 self.insert_l2(new, data)?;
                 self.queue_free(old.0 / self.cluster_size(), 1);
                 self.set_l1(l1_index, new.0 | COPIED);
                 new
             }
             None => {
-                let new = HostOffset(self.alloc_clusters(1)? * self.cluster_size());
-                self.check_fresh(new.0, self.cluster_size())?;
+                let new = self.alloc_table_cluster()?;
                 let data = vec![0u8; self.cluster_size() as usize].into_boxed_slice();
                 self.insert_l2(new, data)?;
                 self.set_l1(l1_index, new.0 | COPIED);
@@ -681,6 +679,26 @@ impl Meta {
         let t = self.l2_cache.get_mut(off).unwrap();
         t[idx..idx + 8].copy_from_slice(&entry.to_be_bytes());
         Ok(())
+    }
+
+    /// Allocates a cluster for a new L2 table and gives it storage blocks at once, so that
+    /// writing the table back later (at a flush, or when a bitmap store flushes) cannot
+    /// fail for lack of space: a file system that filled up after the guest write that
+    /// needed the table would otherwise lose its mapping. Out of space, the write that
+    /// needs the table fails instead, and the cluster is given back.
+    fn alloc_table_cluster(&mut self) -> Result<HostOffset> {
+        let cs = self.cluster_size();
+        let c = self.alloc_clusters(1)?;
+        self.check_fresh(c * cs, cs)?;
+        if let Err(e) = self
+            .storage
+            .zero_range(c * cs, cs)
+            .ctx(|| format!("allocating an L2 table at {:#x}", c * cs))
+        {
+            self.update_refcounts(c, 1, -1)?;
+            return Err(e);
+        }
+        Ok(HostOffset(c * cs))
     }
 
     fn insert_l2(&mut self, off: HostOffset, data: Box<[u8]>) -> Result<()> {

@@ -67,6 +67,20 @@ pub trait ImageMetadata: Send + Sync {
         self.write_owned(offset, buf)?;
         self.sync_owned()
     }
+    /// Makes `[offset, offset+len)` of clusters the caller allocated and owns read as
+    /// zeros with storage blocks allocated for it, so later writes there cannot fail for
+    /// lack of space (where the storage can promise that: a file system that allocates on
+    /// `fallocate`, not a copy-on-write one). The default writes zeros.
+    fn preallocate_owned(&self, offset: HostOffset, len: u64) -> Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write_owned(HostOffset(offset.0 + done), &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
     /// Size of the image file in bytes, when known: clusters named by other structures
     /// must lie inside it.
     fn file_len(&self) -> Option<u64> {

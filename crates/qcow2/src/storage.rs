@@ -237,9 +237,14 @@ impl Storage for FileStorage {
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         // ZERO_RANGE where the file system has it (ext4, xfs); else punch the range and
         // allocate it again (tmpfs: a punched range inside the file reads as zeros, and
-        // mode 0 extends the file over a range past its end); else write zeros.
-        if fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE, offset, len).is_ok() {
-            return Ok(());
+        // mode 0 extends the file over a range past its end); else write zeros. A file
+        // system out of space says so at once: writing zeros would fail too, after
+        // filling what space is left.
+        let nospace =
+            |r: &io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::ENOSPC));
+        let zeroed = fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE, offset, len);
+        if zeroed.is_ok() || nospace(&zeroed) {
+            return zeroed;
         }
         let punched = fallocate(
             &self.file,
@@ -247,8 +252,11 @@ impl Storage for FileStorage {
             offset,
             len,
         );
-        if punched.is_ok() && fallocate(&self.file, 0, offset, len).is_ok() {
-            return Ok(());
+        if punched.is_ok() {
+            let allocated = fallocate(&self.file, 0, offset, len);
+            if allocated.is_ok() || nospace(&allocated) {
+                return allocated;
+            }
         }
         write_zeros(self, offset, len)
     }

@@ -4,6 +4,7 @@ mod faults;
 mod format;
 mod lifecycle;
 mod props;
+mod reserve;
 mod shadow;
 mod txn;
 
