@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Driver, QueueDriver};
+use common::{read, Driver, QueueDriver, Served};
 use e2e::tools::{
     bitmap_dirty_extents, qemu_img_bitmap_add, qemu_img_check, qemu_img_create_qcow2, qemu_io,
 };
@@ -159,59 +159,6 @@ fn check_clean(img: &Path) {
         out.stdout
     );
     assert!(!out.stdout.contains("leaked"), "{}", out.stdout);
-}
-
-/// A running daemon (its log in a file); killed if the test fails first.
-struct Served {
-    child: common::Daemon,
-    log: PathBuf,
-}
-
-impl Served {
-    /// Starts the daemon and waits for its socket; panics with the log if it exits first.
-    fn start(socket: &Path, image: &Path, extra: &[&str], log: &Path) -> Served {
-        let mut child = common::spawn_logged(socket, image, extra, log);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("daemon exited ({st}) instead of serving:\n{}", read(log));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no socket after 30 s:\n{}",
-                read(log)
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Served {
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    fn log(&self) -> String {
-        read(&self.log)
-    }
-
-    /// SIGKILL, reaped: every request it completed is in the used rings now.
-    fn kill9(mut self) -> String {
-        common::signal(&self.child, libc::SIGKILL);
-        self.child.wait().unwrap();
-        self.log()
-    }
-
-    /// SIGTERM; it must exit 0 within 30 s. Returns the log.
-    fn term(mut self) -> String {
-        common::signal(&self.child, libc::SIGTERM);
-        let st = common::wait_exit(&mut self.child, 30);
-        let log = self.log();
-        assert!(st.success(), "exit {st} after SIGTERM:\n{log}");
-        log
-    }
-}
-
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
 }
 
 /// Starts the daemon expecting it to refuse to serve; returns its exit status and log.

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Driver, QueueDriver, RingBase};
+use common::{read, Driver, QueueDriver, RingBase, Served};
 use rand::{Rng, SeedableRng};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -66,52 +66,6 @@ fn prepare(
 
 fn status(qd: &QueueDriver, slot: usize) -> u8 {
     qd.mem().read_obj(GuestAddress(status_addr(slot))).unwrap()
-}
-
-/// The daemon's log in a file; SIGKILLed if the test fails first.
-struct Served {
-    child: common::Daemon,
-    log: PathBuf,
-}
-
-impl Served {
-    fn start(socket: &Path, image: &Path, extra: &[&str], log: &Path) -> Served {
-        let mut child = common::spawn_logged(socket, image, extra, log);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("daemon exited ({st}) instead of serving:\n{}", read(log));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no socket after 30 s:\n{}",
-                read(log)
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Served {
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    fn kill9(mut self) -> String {
-        common::signal(&self.child, libc::SIGKILL);
-        self.child.wait().unwrap();
-        read(&self.log)
-    }
-
-    fn term(mut self) -> String {
-        common::signal(&self.child, libc::SIGTERM);
-        let st = common::wait_exit(&mut self.child, 30);
-        let log = read(&self.log);
-        assert!(st.success(), "exit {st} after SIGTERM:\n{log}");
-        log
-    }
-}
-
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
 }
 
 /// A raw image of `size` bytes of zeros.

@@ -852,3 +852,57 @@ pub fn spawn_logged(socket: &Path, image: &Path, extra: &[&str], log: &Path) -> 
             .unwrap(),
     )
 }
+
+/// A running daemon (its log in a file); killed if the test fails first.
+pub struct Served {
+    child: Daemon,
+    log: PathBuf,
+}
+
+impl Served {
+    /// Starts the daemon and waits for its socket; panics with the log if it exits first.
+    pub fn start(socket: &Path, image: &Path, extra: &[&str], log: &Path) -> Served {
+        let mut child = spawn_logged(socket, image, extra, log);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("daemon exited ({st}) instead of serving:\n{}", read(log));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no socket after 30 s:\n{}",
+                read(log)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Served {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+
+    /// SIGKILL, reaped: every request it completed is in the used rings now.
+    pub fn kill9(mut self) -> String {
+        signal(&self.child, libc::SIGKILL);
+        self.child.wait().unwrap();
+        self.log()
+    }
+
+    /// SIGTERM; it must exit 0 within 30 s. Returns the log.
+    pub fn term(mut self) -> String {
+        signal(&self.child, libc::SIGTERM);
+        let st = wait_exit(&mut self.child, 30);
+        let log = self.log();
+        assert!(st.success(), "exit {st} after SIGTERM:\n{log}");
+        log
+    }
+}
+
+/// A file's text (empty if it cannot be read).
+pub fn read(p: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+}
