@@ -271,6 +271,35 @@ impl Bitmaps {
                 extensions: vec![(EXT_BITMAPS, None)],
             })?;
         }
+        // A set that keeps a store reserve (the daemon) leaks it at a crash, with
+        // whatever else the crash left allocated: when the image was not closed cleanly
+        // (bitmaps in use on disk, or a shadow left in the header), lower the refcounts
+        // nothing references before anything new is allocated. The shadow's region,
+        // still ours, is kept.
+        let unclean = loaded.found.ext.is_some()
+            || loaded.state.entries.iter().any(|e| {
+                e.disk
+                    .as_ref()
+                    .is_some_and(|d| d.flags & crate::format::FLAG_IN_USE != 0)
+            });
+        if opts.reserve && unclean {
+            let keep: Vec<(u64, u64)> = loaded
+                .found
+                .ext
+                .iter()
+                .filter(|_| loaded.found.ours)
+                .map(|x| (x.region_offset, x.region_len))
+                .collect();
+            match img.repair_leaks(&keep) {
+                Ok(0) => {}
+                Ok(n) => log::info!(
+                    "freed {n} cluster(s) of '{node}' that an unclean close left allocated                      and unreferenced (e.g. a store reserve)"
+                ),
+                Err(e) => log::warn!(
+                    "could not free the clusters an unclean close of '{node}' may have leaked: {e}"
+                ),
+            }
+        }
         for (name, added) in &loaded.recovered {
             log::info!(
                 "bitmap '{name}' was in use (not stored after a crash) and is recovered from \

@@ -337,7 +337,13 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter<'_>) -> Result<()> {
 /// structures, snapshots, bitmaps) and compares it with the refcounts; with `repair`
 /// fixes what it may. The caller holds the metadata lock with no data request in
 /// flight and has written back the caches.
-pub(crate) fn check_metadata(m: &mut Meta, repair: Repair) -> Result<CheckReport> {
+/// Each `(offset, length)` of `keep` counts as referenced too (structures the engine
+/// does not know, e.g. the clusters of a private header extension).
+pub(crate) fn check_metadata_keeping(
+    m: &mut Meta,
+    repair: Repair,
+    keep: &[(u64, u64)],
+) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let cs = m.cluster_size();
     let file_len = m
@@ -381,6 +387,9 @@ pub(crate) fn check_metadata(m: &mut Meta, repair: Repair) -> Result<CheckReport
     count_l1(m, &mut cnt, &l1)?;
     count_snapshots(m, &mut cnt)?;
     count_bitmaps(m, &mut cnt)?;
+    for &(off, len) in keep {
+        cnt.add("kept range", off, len);
+    }
     let refs = std::mem::take(&mut cnt.refs);
 
     // Compare, repairing as asked.

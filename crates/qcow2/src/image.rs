@@ -394,6 +394,16 @@ impl Qcow2Image {
     /// may (the image must be writable). Runs with the data path quiesced: it fails
     /// while an allocating write is in flight.
     pub fn check(&self, repair: crate::check::Repair) -> Result<crate::check::CheckReport> {
+        self.check_keeping(repair, &[])
+    }
+
+    /// [`Qcow2Image::check`], counting each `(offset, length)` of `keep` as referenced
+    /// (clusters of structures the engine does not know).
+    pub fn check_keeping(
+        &self,
+        repair: crate::check::Repair,
+        keep: &[(u64, u64)],
+    ) -> Result<crate::check::CheckReport> {
         if repair != crate::check::Repair::None && self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -404,7 +414,7 @@ impl Qcow2Image {
                 "cannot check an image while writes are in flight".into(),
             ));
         }
-        crate::check::check_metadata(&mut m, repair)
+        crate::check::check_metadata_keeping(&mut m, repair, keep)
     }
 
     /// The metadata, exclusively (every change, cache misses).
@@ -1373,6 +1383,11 @@ impl ImageMetadata for Qcow2Image {
         self.storage
             .write_durable(buf, offset.0)
             .ctx(|| format!("writing {} bytes durably at {offset}", buf.len()))
+    }
+
+    fn repair_leaks(&self, keep: &[(u64, u64)]) -> Result<u64> {
+        self.check_keeping(crate::check::Repair::Leaks, keep)
+            .map(|r| r.leaks_fixed)
     }
 
     fn preallocate_owned(&self, offset: HostOffset, len: u64) -> Result<()> {
