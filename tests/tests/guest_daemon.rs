@@ -330,10 +330,10 @@ fn reboot_scenario(aio: &str) {
 }
 
 /// With `--no-crash-consistent-bitmaps` the daemon behaves like QEMU after a crash:
-/// SIGKILL while a VM is attached leaves the bitmap in-use (flushed data intact, image
-/// checks clean: no shadow is kept); the next start with `--bitmap` refuses the
-/// inconsistent bitmap and says how to remove it; after `bitmap remove` the daemon
-/// creates it afresh. (By default the daemon keeps a crash-consistency shadow and the
+/// SIGKILL while a VM is attached leaves the bitmap in-use (flushed data intact, no
+/// corruption; only the store reserve leaked, which the next open frees); the next start
+/// with `--bitmap` refuses the inconsistent bitmap and says how to remove it; after
+/// `bitmap remove` the daemon creates it afresh, and the image checks clean. (By default the daemon keeps a crash-consistency shadow and the
 /// next start recovers the bitmap: see `tests/guest_backup.rs`.)
 #[test]
 fn daemon_guest_sigkill_leaves_in_use_and_restart_reports_inconsistent() {
@@ -393,7 +393,19 @@ fn sigkill_scenario(aio: &str) {
     let outcome = guest.join().expect("guest thread");
     eprintln!("guest after the daemon died: {outcome:?}");
     assert_eq!(flags(&image, "b0"), vec!["in-use", "auto"]);
-    qemu_img_check(&image).expect("qemu-img check after SIGKILL");
+    // No corruption; the store reserve the killed daemon held is leaked until the next
+    // open of the daemon frees it (checked clean at the end).
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(&image)
+        .output()
+        .expect("qemu-img check");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)) && !report.contains("ERROR"),
+        "qemu-img check after SIGKILL: {:?}\n{report}",
+        out.status
+    );
     qemu_io(&image, "qcow2", true, &["read -P 0x71 0 4k"]).expect("flushed data");
 
     let _ = std::fs::remove_file(&socket);
