@@ -59,6 +59,11 @@ impl Backend {
         read_file_lossy(&self.log)
     }
 
+    /// The server's process id (`None` once it was killed and reaped), e.g. to signal it.
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.id()
+    }
+
     /// Whether the server is still running.
     pub fn is_running(&mut self) -> Result<bool> {
         Ok(self.guard.id().is_some() && self.guard.try_wait()?.is_none())

@@ -284,12 +284,25 @@ mod tests {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("Failed to get \"write\" lock"), "{err}");
         drop(lock);
-        let out = Command::new("qemu-img")
-            .arg("info")
-            .arg(&p)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        // Released. (A child another test forks at this moment shares our descriptor
+        // until it execs, and with it the lock: retry for a moment.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let out = Command::new("qemu-img")
+                .arg("info")
+                .arg(&p)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still locked after the drop: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     #[test]
