@@ -53,6 +53,45 @@ pub fn daemon_command(
     cmd
 }
 
+/// Our daemon's command line, to start again after it was killed: each start first
+/// removes the socket files a killed daemon leaves behind.
+#[derive(Debug, Clone)]
+pub struct Restartable {
+    /// The daemon binary ([`daemon_binary`]).
+    pub bin: PathBuf,
+    /// The image it serves.
+    pub image: PathBuf,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    /// Its queues.
+    pub num_queues: u32,
+    /// Further arguments.
+    pub extra: Vec<String>,
+    /// Other socket files it creates (e.g. `--nbd-socket`), removed before each start.
+    pub stale: Vec<PathBuf>,
+}
+
+impl Restartable {
+    /// Starts the daemon and waits up to `timeout` for its vhost-user socket.
+    pub fn start(&self, timeout: std::time::Duration) -> Result<crate::Backend> {
+        for path in std::iter::once(&self.socket).chain(&self.stale) {
+            let _ = std::fs::remove_file(path);
+        }
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        crate::Backend::spawn(
+            daemon_command(
+                &self.bin,
+                &self.image,
+                &self.socket,
+                self.num_queues,
+                &extra,
+            ),
+            &self.socket,
+            timeout,
+        )
+    }
+}
+
 fn locate() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(DAEMON_BIN_ENV) {
         let p = PathBuf::from(p);

@@ -23,7 +23,7 @@ pub mod script;
 pub mod tools;
 
 pub use backend::{qsd_vhost_user_blk, Backend};
-pub use daemon::{daemon_binary, daemon_command};
+pub use daemon::{daemon_binary, daemon_command, Restartable};
 pub use error::{E2eError, Result};
 pub use guest::{Accel, Guest, GuestConfig, GuestEnv, GuestOutcome};
 pub use scenario::{Scenario, ScenarioReport};

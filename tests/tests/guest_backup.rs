@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use e2e::tools::{merge_extents, qemu_img_compare, qemu_img_create_qcow2, qemu_io, require_tools};
 use e2e::{
     bitmap_dirty_extents, daemon_binary, daemon_command, qemu_img_check, qemu_img_info_json,
-    Backend, Guest, GuestConfig, GuestEnv, GuestScript,
+    Backend, Guest, GuestConfig, GuestEnv, GuestScript, Restartable,
 };
 use serde_json::Value;
 
@@ -412,33 +412,33 @@ fn daemon_guest_sigkill_recovers_bitmap_and_incremental_restores_final_disk() {
     let nbd = dir.path().join("nbd.sock");
     let full = dir.path().join("full.qcow2");
     qemu_img_create_qcow2(&image, SIZE).expect("qemu-img create");
-    let args: Vec<String> = [
-        "--bitmap",
-        "b0",
-        "--qmp-socket",
-        qmp.to_str().expect("utf-8"),
-        "--nbd-socket",
-        nbd.to_str().expect("utf-8"),
-        "--export-name",
-        "rw",
-        "--export-writable",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let restartable = Restartable {
+        bin: bin.clone(),
+        image: image.clone(),
+        socket: socket.clone(),
+        num_queues: 1,
+        extra: [
+            "--bitmap",
+            "b0",
+            "--qmp-socket",
+            qmp.to_str().expect("utf-8"),
+            "--nbd-socket",
+            nbd.to_str().expect("utf-8"),
+            "--export-name",
+            "rw",
+            "--export-writable",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        stale: vec![nbd.clone()],
+    };
     // Both starts use the same sockets; a killed daemon leaves its socket files behind.
     let start = {
-        let (bin, image, socket, nbd) = (bin.clone(), image.clone(), socket.clone(), nbd.clone());
+        let r = restartable.clone();
         move || {
-            let _ = std::fs::remove_file(&socket);
-            let _ = std::fs::remove_file(&nbd);
-            let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-            Backend::spawn(
-                daemon_command(&bin, &image, &socket, 1, &extra),
-                &socket,
-                STOP_TIMEOUT,
-            )
-            .unwrap_or_else(|e| panic!("daemon start: {e}"))
+            r.start(STOP_TIMEOUT)
+                .unwrap_or_else(|e| panic!("daemon start: {e}"))
         }
     };
     let daemon = Arc::new(Mutex::new(Some(start())));

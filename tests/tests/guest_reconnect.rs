@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use e2e::process::run_cmd;
 use e2e::tools::{qemu_img_create_qcow2, require_tools};
-use e2e::{daemon_binary, daemon_command, Backend, GuestConfig, GuestEnv, GuestScript};
+use e2e::{daemon_binary, Backend, GuestConfig, GuestEnv, GuestScript, Restartable};
 use serde_json::Value;
 
 const SIZE: u64 = 64 << 20;
@@ -570,30 +570,30 @@ fn daemon_guest_survives_three_sigkills_with_io_in_flight() {
     let socket = dir.path().join("vhost.sock");
     let nbd = dir.path().join("nbd.sock");
     qemu_img_create_qcow2(&image, SIZE).expect("qemu-img create");
-    let args: Vec<String> = [
-        "--direct",
-        "--nbd-socket",
-        nbd.to_str().expect("utf-8"),
-        "--export-name",
-        "rw",
-        "--export-writable",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let restartable = Restartable {
+        bin: bin.clone(),
+        image: image.clone(),
+        socket: socket.clone(),
+        num_queues: QUEUES,
+        extra: [
+            "--direct",
+            "--nbd-socket",
+            nbd.to_str().expect("utf-8"),
+            "--export-name",
+            "rw",
+            "--export-writable",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        stale: vec![nbd.clone()],
+    };
     // Every start has the same command line; a killed daemon leaves its sockets behind.
     let start = {
-        let (bin, image, socket, nbd) = (bin.clone(), image.clone(), socket.clone(), nbd.clone());
+        let r = restartable.clone();
         move || {
-            let _ = std::fs::remove_file(&socket);
-            let _ = std::fs::remove_file(&nbd);
-            let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-            Backend::spawn(
-                daemon_command(&bin, &image, &socket, QUEUES, &extra),
-                &socket,
-                STOP_TIMEOUT,
-            )
-            .unwrap_or_else(|e| panic!("daemon start: {e}"))
+            r.start(STOP_TIMEOUT)
+                .unwrap_or_else(|e| panic!("daemon start: {e}"))
         }
     };
     let daemon = Arc::new(Mutex::new(Some(start())));
