@@ -379,6 +379,9 @@ impl Meta {
         let e = self.rb_entries();
         let bits = self.refcount_bits();
         let m = blocks.len() as u64;
+        // Clusters no refcount block covers count as free: a crafted image may keep
+        // metadata there, which the new blocks must not overwrite.
+        self.check_fresh(at * cs, m * cs)?;
         for (i, &b) in blocks.iter().enumerate() {
             let mut block = vec![0u8; cs as usize].into_boxed_slice();
             for y in at..at + m {

@@ -862,3 +862,63 @@ fn allocation_never_hands_out_a_cluster_of_live_metadata() {
         "the L2 table was overwritten"
     );
 }
+
+/// An image whose L2 table lies where no refcount block reaches (such clusters count as
+/// free): when allocations outgrow the first refcount block, the new block would be
+/// placed on the table; the overlap check refuses it instead (image marked corrupt).
+#[test]
+fn a_new_refcount_block_never_lands_on_live_metadata() {
+    if !common::require_tool("qemu-img") || !common::require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    // 512-byte clusters and 64-bit refcounts: one refcount block covers 64 clusters.
+    common::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+            p.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    common::qemu_io(&p, "qcow2", &["write -P 1 0 512".to_string()]);
+    let mut f = std::fs::read(&p).unwrap();
+    let cs = 512usize;
+    let l1 = u64::from_be_bytes(f[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(f[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    // Move the L2 table to cluster 64, the first one no refcount block covers.
+    let moved = 64 * cs;
+    if f.len() < moved + cs {
+        f.resize(moved + cs, 0);
+    }
+    let table = f[l2..l2 + cs].to_vec();
+    f[moved..moved + cs].copy_from_slice(&table);
+    f[l1..l1 + 8].copy_from_slice(&((moved as u64) | (1 << 63)).to_be_bytes());
+    std::fs::write(&p, &f).unwrap();
+    let img = Qcow2Image::open(&p, &OpenOptions::default()).unwrap();
+    // Allocate guest clusters (all mapped by that table) until the first refcount block
+    // is full and a second one is needed.
+    let mut refused = None;
+    for i in 1..64u64 {
+        if let Err(e) = img.write_at(&[0xee; 512], i * 512) {
+            refused = Some(e.to_string());
+            break;
+        }
+    }
+    drop(img);
+    let e = refused.expect("a refcount block was placed on the L2 table without error");
+    assert!(e.contains("overlaps an active L2 table"), "{e}");
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        &after[moved..moved + 8],
+        &table[..8],
+        "the L2 table was overwritten"
+    );
+}
