@@ -43,7 +43,9 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 # Line coverage (resources/coverage.sh) needs llvm-profdata/llvm-cov of LLVM 19 or later.
-ls /usr/lib/llvm-{19,20,21,22}/bin/llvm-cov >/dev/null 2>&1 || need+=(llvm-19)
+have_llvm=0
+for v in 19 20 21 22; do [[ -x /usr/lib/llvm-$v/bin/llvm-cov ]] && have_llvm=1; done
+((have_llvm)) || need+=(llvm-19)
 command -v apt-get >/dev/null || die "this script expects a Debian 12 host"
 ((${#need[@]} == 0)) || apt_install "${need[@]}"
 
